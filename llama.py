@@ -1,0 +1,775 @@
+"""A self-contained LLaMA with NutePrune's mask gates, hand-written LoRA, checkpoint I/O and physical pruning.
+
+Shape glossary (used in comments throughout the project):
+    B batch, T sequence length, V vocabulary, L layers,
+    D model width (hidden), H query heads, Hkv key/value heads, Dh head width, I FFN width.
+
+Where the NutePrune gates act (SPEC §1, one place each):
+    head          [L, H]  multiplies each query head's attention output, before o_proj;
+    intermediate  [L, I]  multiplies act(gate_proj(x)) * up_proj(x), before down_proj;
+    hidden        [D]     multiplies the token embeddings and every sublayer output (after o_proj, after down_proj).
+`masks=None` is exactly vanilla LLaMA. A pruned (exported) model may have different head / FFN sizes per layer;
+its config records them and its attention maps each query head to its K/V head explicitly (`kv_map`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import shutil
+import struct
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class LlamaConfig:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int = 0  # 0: dim // n_heads
+    ffn_dim: int = 11008
+    vocab_size: int = 32000
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    rope_scaling: dict | None = None  # HF `rope_scaling`: {"rope_type": "llama3" | "linear", "factor": ...}
+    # Per-layer shapes; empty means uniform (an unpruned model). Filled in __post_init__.
+    heads: list[int] = field(default_factory=list)  # query heads kept in each layer
+    kv_heads: list[int] = field(default_factory=list)  # K/V heads kept in each layer
+    ffn: list[int] = field(default_factory=list)  # FFN channels kept in each layer
+    kv_map: list[list[int]] = field(default_factory=list)  # per layer: the K/V head of each query head
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}; give head_dim")
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        group = self.n_heads // self.n_kv_heads
+        self.heads = list(self.heads) or [self.n_heads] * self.n_layers
+        self.kv_heads = list(self.kv_heads) or [self.n_kv_heads] * self.n_layers
+        self.ffn = list(self.ffn) or [self.ffn_dim] * self.n_layers
+        self.kv_map = [list(m) for m in self.kv_map] or [[h // group for h in range(self.n_heads)]] * self.n_layers
+        for name in ("heads", "kv_heads", "ffn", "kv_map"):
+            if len(getattr(self, name)) != self.n_layers:
+                raise ValueError(f"config: '{name}' has {len(getattr(self, name))} entries, expected n_layers={self.n_layers}")
+        for i, (h, kv, m) in enumerate(zip(self.heads, self.kv_heads, self.kv_map)):
+            if len(m) != h or any(not 0 <= k < kv for k in m):
+                raise ValueError(f"config: kv_map of layer {i} does not map {h} query heads onto {kv} K/V heads")
+
+    @property
+    def uniform(self) -> bool:
+        """True for an unpruned model: masks [L, H], [L, I], [D] can be applied only then."""
+        group = self.n_heads // self.n_kv_heads
+        return (all(h == self.n_heads for h in self.heads) and all(k == self.n_kv_heads for k in self.kv_heads)
+                and all(f == self.ffn_dim for f in self.ffn)
+                and all(m == [h // group for h in range(self.n_heads)] for m in self.kv_map))
+
+    @classmethod
+    def from_hf(cls, c: dict) -> "LlamaConfig":
+        if c.get("attention_bias") or c.get("mlp_bias"):
+            raise ValueError("config.json: attention_bias / mlp_bias are not supported (LLaMA has no biases)")
+        if c.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json: hidden_act '{c['hidden_act']}' is not supported (LLaMA uses silu)")
+        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", "llama3", "linear"):
+            raise ValueError(f"config.json: rope_type '{kind}' is not supported (default, linear, llama3)")
+        extra = c.get("nuteprune", {})  # per-layer shapes written by export_pruned
+        return cls(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+                   n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+                   head_dim=c.get("head_dim") or 0, ffn_dim=c["intermediate_size"], vocab_size=c["vocab_size"],
+                   norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+                   max_seq_len=c.get("max_position_embeddings", 2048),
+                   tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+                   rope_scaling=None if kind == "default" else {**rope, "rope_type": kind},
+                   heads=extra.get("heads", []), kv_heads=extra.get("kv_heads", []), ffn=extra.get("ffn", []),
+                   kv_map=extra.get("kv_map", []))
+
+    def to_hf(self) -> dict:
+        c = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.dim,
+             "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+             "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim, "intermediate_size": self.ffn_dim,
+             "vocab_size": self.vocab_size, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
+             "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_embeddings,
+             "hidden_act": "silu", "torch_dtype": "float32"}
+        if self.rope_scaling:
+            c["rope_scaling"] = self.rope_scaling
+        if not self.uniform:
+            c["nuteprune"] = {"heads": self.heads, "kv_heads": self.kv_heads, "ffn": self.ffn, "kv_map": self.kv_map}
+        return c
+
+
+@dataclass
+class Masks:
+    """NutePrune gate values z (SPEC §1). Any group may be None (= all ones)."""
+    head: torch.Tensor | None = None  # [L, H] on query heads
+    intermediate: torch.Tensor | None = None  # [L, I]
+    hidden: torch.Tensor | None = None  # [D]
+
+    def to(self, *args, **kwargs) -> "Masks":
+        return Masks(*(None if m is None else m.to(*args, **kwargs) for m in (self.head, self.intermediate, self.hidden)))
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)  # (Dh/2,)
+    s = cfg.rope_scaling
+    if not s:
+        return inv_freq
+    if s["rope_type"] == "linear":
+        return inv_freq / s["factor"]
+    # Llama-3.1 frequency-dependent scaling: long wavelengths slowed by `factor`, short ones kept, smooth in between.
+    factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len = s.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope_cos_sin(cfg: LlamaConfig, positions: torch.Tensor, dtype: torch.dtype):
+    freqs = positions.float()[:, None] * rope_inv_freq(cfg).to(positions.device)[None]  # (T, Dh/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, Dh), HF rotate-half layout
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def _gate(x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    return x if z is None else x * z.to(x.dtype)
+
+# -----------------------------------------------------------------------------
+# modules
+
+
+class RMSNorm(nn.Module):
+    # Divides the sum of squares by the full width, zeros of pruned hidden dims included (the reference code's
+    # choice, SPEC §1); export_pruned rescales weight and eps so a standard norm over the kept width matches.
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + (alpha / rank) * x A^T B^T. The frozen weight stays at `.weight` so base keys load unchanged."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # frozen, possibly bf16 / meta-loaded
+        self.weight.requires_grad_(False)
+        self.rank, self.scale = rank, alpha / rank
+        dev = base.weight.device
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=torch.float32))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear; B = 0 makes the adapter a no-op
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        # LoRA path in fp32 master weights, cast to the activation dtype (autocast handles mixed precision)
+        return y + F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype)) * self.scale
+
+    def merged_weight(self) -> torch.Tensor:
+        return (self.weight.float() + self.scale * self.lora_b.float() @ self.lora_a.float()).to(self.weight.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int):
+        super().__init__()
+        self.n_heads, self.n_kv, self.dh = cfg.heads[layer], cfg.kv_heads[layer], cfg.head_dim
+        self.kv_map = cfg.kv_map[layer]
+        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.dh, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, self.n_kv * self.dh, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, self.n_kv * self.dh, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.dh, cfg.dim, bias=False)
+        self._kv_index = None
+
+    def kv_index(self, device) -> torch.Tensor:
+        if self._kv_index is None or self._kv_index.device != device:
+            self._kv_index = torch.tensor(self.kv_map, dtype=torch.long, device=device)
+        return self._kv_index
+
+    def forward(self, x, cos, sin, z_head=None, cache=None, start_pos=0):
+        B, T, D = x.shape
+        if self.n_heads == 0:  # every head of this layer was pruned
+            return x.new_zeros(B, T, D)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.dh).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.dh).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.dh).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # (k_cache, v_cache), each (B, Hkv, Tmax, Dh)
+            cache[0][:, :, start_pos:start_pos + T] = k
+            cache[1][:, :, start_pos:start_pos + T] = v
+            k, v = cache[0][:, :, :start_pos + T], cache[1][:, :, :start_pos + T]
+        idx = self.kv_index(x.device)  # each query head reads its own K/V head (GQA, and uneven groups after export)
+        k, v = k.index_select(1, idx), v.index_select(1, idx)  # (B, H, S, Dh)
+        if start_pos == 0 or T == 1:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:  # chunked prefill after a cached prefix: query t sees keys <= start_pos + t
+            S = start_pos + T
+            allowed = torch.arange(S, device=x.device)[None] <= torch.arange(start_pos, S, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        if z_head is not None:
+            y = y * z_head.to(y.dtype)[None, :, None, None]  # head gate, before o_proj (Eq. 1)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.dh))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int):
+        super().__init__()
+        self.ffn = cfg.ffn[layer]
+        self.gate_proj = nn.Linear(cfg.dim, self.ffn, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, self.ffn, bias=False)
+        self.down_proj = nn.Linear(self.ffn, cfg.dim, bias=False)
+
+    def forward(self, x, z_int=None):
+        if self.ffn == 0:
+            return torch.zeros_like(x)
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, I)
+        return self.down_proj(_gate(h, z_int))  # intermediate gate, before down_proj (Eq. 2)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg, layer)
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, h, cos, sin, z_head=None, z_int=None, z_hid=None, cache=None, start_pos=0):
+        h = h + _gate(self.self_attn(self.input_layernorm(h), cos, sin, z_head, cache, start_pos), z_hid)
+        return h + _gate(self.mlp(self.post_attention_layernorm(h), z_int), z_hid)
+
+
+class _Trunk(nn.Module):  # named `model` in Llama so that state-dict keys are exactly HF's
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = _Trunk(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+
+    def forward(self, idx: torch.Tensor, masks: Masks | None = None, output_hidden: bool = False,
+                cache: list | None = None, start_pos: int = 0):
+        cfg = self.config
+        B, T = idx.shape
+        z_head = z_int = z_hid = None
+        if masks is not None:
+            if not cfg.uniform:
+                raise ValueError("masks can only be applied to an unpruned model (this one has per-layer sizes)")
+            z_head, z_int, z_hid = masks.head, masks.intermediate, masks.hidden
+        h = _gate(self.model.embed_tokens(idx), z_hid)  # (B, T, D), hidden gate on the embeddings
+        cos, sin = rope_cos_sin(cfg, torch.arange(start_pos, start_pos + T, device=idx.device), h.dtype)
+        hidden = []
+        for i, layer in enumerate(self.model.layers):
+            args = (h, cos, sin, None if z_head is None else z_head[i], None if z_int is None else z_int[i], z_hid,
+                    None if cache is None else cache[i], start_pos)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            else:
+                h = layer(*args)
+            if output_hidden and i < cfg.n_layers - 1:
+                hidden.append(h)
+        h = self.model.norm(h)
+        logits = self.lm_head(h)  # (B, T, V)
+        if output_hidden:
+            return logits, hidden + [h]  # outputs of layers 1..L-1 and the final normed output
+        return logits
+
+# -----------------------------------------------------------------------------
+# LoRA (hand-written; torchtune's shape)
+
+
+def add_lora(model: Llama, targets=("q_proj", "v_proj"), rank: int = 8, alpha: float = 8.0) -> Llama:
+    valid = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    if not set(targets) <= valid:
+        raise ValueError(f"LoRA targets {sorted(set(targets) - valid)} are not projections; valid: {sorted(valid)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in targets:
+                base = getattr(parent, name, None)
+                if isinstance(base, nn.Linear) and base.weight.shape.numel() > 0:
+                    setattr(parent, name, LoRALinear(base, rank, alpha))
+    return model
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """References (not copies) to every LoRA tensor, keyed like the state dict."""
+    return {f"{n}.{k}": getattr(m, k) for n, m in lora_modules(model).items() for k in ("lora_a", "lora_b")}
+
+
+@torch.no_grad()
+def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    mine = lora_state(model)
+    if mine.keys() != state.keys():
+        missing, extra = sorted(mine.keys() - state.keys()), sorted(state.keys() - mine.keys())
+        raise ValueError(f"LoRA state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, t in mine.items():
+        t.copy_(state[k])
+
+
+@torch.no_grad()
+def zero_lora(model: nn.Module) -> None:
+    for m in lora_modules(model).values():
+        m.lora_b.zero_()
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    for name, m in lora_modules(model).items():
+        parent_name, _, attr = name.rpartition(".")
+        lin = nn.Linear(m.in_features, m.out_features, bias=False, device=m.weight.device, dtype=m.weight.dtype)
+        lin.weight.copy_(m.merged_weight())
+        setattr(model.get_submodule(parent_name), attr, lin)
+    return model
+
+# -----------------------------------------------------------------------------
+# parameter counts (SPEC §3)
+
+
+def prunable_params(cfg: LlamaConfig) -> int:
+    """Weights of q, k, v, o, gate, up, down in every layer: the M of Eq. 3."""
+    return sum(cfg.dim * (2 * h + 2 * kv) * cfg.head_dim + 3 * cfg.dim * f
+               for h, kv, f in zip(cfg.heads, cfg.kv_heads, cfg.ffn))
+
+
+def count_params(model_or_cfg) -> int:
+    if isinstance(model_or_cfg, LlamaConfig):
+        cfg = model_or_cfg
+        embed = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
+        return prunable_params(cfg) + embed + cfg.dim * (2 * cfg.n_layers + 1)
+    seen = {id(p): p.numel() for n, p in model_or_cfg.named_parameters() if "lora_" not in n}
+    return sum(seen.values())
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+class Tokenizer:
+    def __init__(self, path):
+        import sentencepiece as spm
+        self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise ValueError(f"tokenizer {self.path} does not exist; pass --tokenizer PATH/tokenizer.model")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(self.path)
+        except Exception as e:  # sentencepiece raises OSError/RuntimeError on a bad file
+            raise ValueError(f"tokenizer {self.path} is not a SentencePiece model ({e})") from None
+        self.bos_id, self.eos_id, self.vocab_size = self.sp.bos_id(), self.sp.eos_id(), self.sp.vocab_size()
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + self.sp.EncodeAsIds(text) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        return self.sp.DecodeIds([int(i) for i in ids])
+
+
+def find_tokenizer(ckpt_path, tokenizer_path=None) -> Tokenizer:
+    if tokenizer_path:
+        return Tokenizer(tokenizer_path)
+    p = Path(ckpt_path)
+    folder = p if p.is_dir() else p.parent
+    candidates = [folder / "tokenizer.model"] + sorted(folder.glob("*.model"))
+    for c in candidates:
+        if c.is_file():
+            return Tokenizer(c)
+    raise ValueError(f"no SentencePiece tokenizer (tokenizer.model or *.model) beside {ckpt_path}; "
+                     "pass --tokenizer PATH")
+
+# -----------------------------------------------------------------------------
+# loading: HF directory, Meta original directory, llama2.c .bin
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Zero-copy tensors over a private (copy-on-write) mmap of the file: loading costs no second copy."""
+    with open(path, "rb") as f:
+        try:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (struct.error, ValueError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    out = {}
+    for k, info in header.items():
+        if k == "__metadata__":
+            continue
+        if info["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{path}: tensor '{k}' has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        dtype = _ST_DTYPES[info["dtype"]]
+        if 8 + n + end > len(buf):
+            raise ValueError(f"{path}: tensor '{k}' lies beyond the end of the file (truncated download?)")
+        count = (end - start) // dtype.itemsize
+        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + start) if count else torch.empty(0, dtype=dtype)
+        out[k] = t.view(info["shape"])
+    return out
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # pickle / zip errors of a corrupt file
+        raise ValueError(f"{path}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _hf_state(folder: Path) -> dict[str, torch.Tensor]:
+    for index_name, reader in (("model.safetensors.index.json", _read_safetensors),
+                               ("pytorch_model.bin.index.json", _torch_load)):
+        if (folder / index_name).is_file():
+            files = sorted(set(json.loads((folder / index_name).read_text())["weight_map"].values()))
+            state = {}
+            for fname in files:
+                if not (folder / fname).is_file():
+                    raise ValueError(f"{folder / index_name} names shard {fname}, which is missing")
+                state.update(reader(folder / fname))
+            return state
+    if (folder / "model.safetensors").is_file():
+        return _read_safetensors(folder / "model.safetensors")
+    if (folder / "pytorch_model.bin").is_file():
+        return _torch_load(folder / "pytorch_model.bin")
+    raise ValueError(f"{folder}: config.json found but no model.safetensors, pytorch_model.bin or shard index")
+
+
+def _meta_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    # Meta / llama2.c rotate interleaved pairs (x0,x1),(x2,x3)...; HF rotates halves. Reorder each head's rows.
+    out, inp = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def _meta_dir(folder: Path) -> tuple[LlamaConfig, dict]:
+    params = json.loads((folder / "params.json").read_text())
+    shards = sorted(folder.glob("consolidated.*.pth"))
+    if not shards:
+        raise ValueError(f"{folder}: params.json found but no consolidated.*.pth weights")
+    parts = [_torch_load(s) for s in shards]
+    # Model-parallel shards: column-parallel weights split rows, row-parallel split columns, embeddings split D.
+    cat_dim = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+    def merged(key):
+        if key not in parts[0]:
+            raise ValueError(f"{shards[0]}: missing key '{key}'")
+        kind = key.split(".")[-2]
+        if len(parts) == 1 or kind not in cat_dim:
+            return parts[0][key]
+        return torch.cat([p[key] for p in parts], dim=cat_dim[kind])
+
+    emb = merged("tok_embeddings.weight")
+    L, H = params["n_layers"], params["n_heads"]
+    cfg = LlamaConfig(dim=params["dim"], n_layers=L, n_heads=H, n_kv_heads=params.get("n_kv_heads") or H,
+                      ffn_dim=merged("layers.0.feed_forward.w1.weight").shape[0], vocab_size=emb.shape[0],
+                      norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
+                      max_seq_len=params.get("max_seq_len", 2048),
+                      rope_scaling=({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+                                    if params.get("use_scaled_rope") else None))
+    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    state = {"model.embed_tokens.weight": emb, "model.norm.weight": merged("norm.weight"),
+             "lm_head.weight": merged("output.weight")}
+    for i in range(L):
+        for src, dst in names.items():
+            w = merged(f"layers.{i}.{src}.weight")
+            if src == "attention.wq":
+                w = _meta_permute(w, H)
+            elif src == "attention.wk":
+                w = _meta_permute(w, cfg.n_kv_heads)
+            state[f"model.layers.{i}.{dst}.weight"] = w
+    return cfg, state
+
+
+def _llama2c_bin(path: Path) -> tuple[LlamaConfig, dict]:
+    """Karpathy's llama2.c export: legacy (v0, 7 int32 header) or version 1 (magic 'ak42', fp32)."""
+    raw = path.read_bytes()
+    if len(raw) < 28:
+        raise ValueError(f"{path}: too short to be a llama2.c checkpoint")
+    offset = 28
+    if struct.unpack("<I", raw[:4])[0] == 0x616B3432:  # "ak42"
+        version = struct.unpack("<i", raw[4:8])[0]
+        if version != 1:
+            raise ValueError(f"{path}: llama2.c version {version} is not supported (export it with version 0 or 1)")
+        dim, hidden, L, H, Hkv, vocab, seq = struct.unpack("<7i", raw[8:36])
+        shared = bool(raw[36])
+        offset = 256
+    else:
+        dim, hidden, L, H, Hkv, vocab, seq = struct.unpack("<7i", raw[:28])
+        shared = vocab > 0
+        vocab = abs(vocab)
+    if min(dim, hidden, L, H, Hkv, vocab, seq) <= 0 or dim % H or H % Hkv:
+        raise ValueError(f"{path}: not a llama2.c checkpoint (header {dim, hidden, L, H, Hkv, vocab, seq})")
+    cfg = LlamaConfig(dim=dim, n_layers=L, n_heads=H, n_kv_heads=Hkv, ffn_dim=hidden, vocab_size=vocab,
+                      norm_eps=1e-5, max_seq_len=seq, tie_embeddings=shared)
+    data = torch.frombuffer(bytearray(raw[offset:]), dtype=torch.float32)
+    dh, pos = dim // H, 0
+
+    def take(*shape):
+        nonlocal pos
+        n = math.prod(shape)
+        if pos + n > data.numel():
+            raise ValueError(f"{path}: file ends early (truncated?) — header says {cfg}")
+        t = data[pos:pos + n].view(*shape)
+        pos += n
+        return t
+
+    state = {"model.embed_tokens.weight": take(vocab, dim)}
+    att_norm, wq = take(L, dim), take(L, dim, dim)
+    wk, wv, wo = take(L, Hkv * dh, dim), take(L, Hkv * dh, dim), take(L, dim, dim)
+    ffn_norm, w1, w2, w3 = take(L, dim), take(L, hidden, dim), take(L, dim, hidden), take(L, hidden, dim)
+    state["model.norm.weight"] = take(dim)
+    if offset == 28:
+        take(seq * dh)  # legacy freq_cis_real, freq_cis_imag: unused
+    if not shared:
+        state["lm_head.weight"] = take(vocab, dim)
+    for i in range(L):
+        p = f"model.layers.{i}."
+        state.update({p + "input_layernorm.weight": att_norm[i], p + "post_attention_layernorm.weight": ffn_norm[i],
+                      p + "self_attn.q_proj.weight": _meta_permute(wq[i], H),
+                      p + "self_attn.k_proj.weight": _meta_permute(wk[i], Hkv),
+                      p + "self_attn.v_proj.weight": wv[i], p + "self_attn.o_proj.weight": wo[i],
+                      p + "mlp.gate_proj.weight": w1[i], p + "mlp.down_proj.weight": w2[i],
+                      p + "mlp.up_proj.weight": w3[i]})
+    return cfg, state
+
+
+def read_checkpoint(path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"checkpoint {p} does not exist")
+    if p.is_dir() and (p / "config.json").is_file():
+        try:
+            cfg = LlamaConfig.from_hf(json.loads((p / "config.json").read_text()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{p / 'config.json'}: not a LLaMA config ({type(e).__name__}: {e})") from None
+        return cfg, _hf_state(p)
+    if p.is_dir() and (p / "params.json").is_file():
+        return _meta_dir(p)
+    if p.is_file() and p.suffix == ".bin":
+        return _llama2c_bin(p)
+    raise ValueError(f"{p}: unknown checkpoint format; expected an HF directory (config.json + *.safetensors/*.bin), "
+                     "a Meta directory (params.json + consolidated.*.pth) or a llama2.c .bin file")
+
+
+def _meta_model(cfg: LlamaConfig) -> Llama:
+    # No memory for a random init: the weights arrive later by load_state_dict(assign=True).
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # fully pruned layers
+        return Llama(cfg)
+
+
+def load_model(path, device="cpu", dtype=torch.float32) -> Llama:
+    cfg, state = read_checkpoint(path)
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    model = _meta_model(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}  # old HF buffers
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match its config: missing keys {missing[:4]}, "
+                         f"unexpected keys {unexpected[:4]}")
+    for k, shape in expected.items():
+        if state[k].shape != shape:
+            raise ValueError(f"{path}: '{k}' has shape {tuple(state[k].shape)}, config implies {tuple(shape)}")
+    # .to() is a no-op (no copy) when dtype and device already match, so mmap-backed tensors stay shared
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for p in model.parameters():
+        p.requires_grad_(False)  # the base is frozen in NutePrune; LoRA adds the trainable tensors
+    return model.eval()
+
+
+def load(path, tokenizer=None, device="cpu", dtype=torch.float32) -> tuple[Llama, Tokenizer]:
+    model = load_model(path, device, dtype)
+    tok = find_tokenizer(path, tokenizer)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocabulary is "
+                         f"{model.config.vocab_size}: wrong tokenizer? pass --tokenizer PATH")
+    return model, tok
+
+# -----------------------------------------------------------------------------
+# saving and physical pruning (SPEC §8)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_model(model: Llama, out_dir, tokenizer_path=None) -> None:
+    """HF-format directory: config.json + model.safetensors (+ tokenizer.model)."""
+    from safetensors.torch import save_file
+    if lora_modules(model):
+        raise ValueError("model still has LoRA adapters; call merge_lora(model) before saving")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")
+    hf = model.config.to_hf()
+    hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    _atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(hf, indent=2)))
+    if tokenizer_path:
+        _atomic_write(out / "tokenizer.model", lambda p: shutil.copyfile(tokenizer_path, p))
+
+
+@torch.no_grad()
+def prune_model(model: Llama, masks: Masks) -> Llama:
+    """Physically remove what the masks zero, folding the kept (possibly soft) gate values into the weights.
+
+    Exact: the returned model's logits equal model(idx, masks) (up to float rounding) for any gate values.
+    """
+    cfg = model.config
+    if not cfg.uniform:
+        raise ValueError("model is already pruned")
+    L, H, D, dh = cfg.n_layers, cfg.n_heads, cfg.dim, cfg.head_dim
+    f32 = dict(dtype=torch.float32, device="cpu")
+    z_head = torch.ones(L, H, **f32) if masks.head is None else masks.head.detach().to(**f32)
+    z_int = torch.ones(L, cfg.ffn_dim, **f32) if masks.intermediate is None else masks.intermediate.detach().to(**f32)
+    z_hid = torch.ones(D, **f32) if masks.hidden is None else masks.hidden.detach().to(**f32)
+    keep_d = z_hid.nonzero().squeeze(1)  # kept hidden dims, (D',)
+    Dp = keep_d.numel()
+    if Dp == 0:
+        raise ValueError("the hidden mask prunes every dimension")
+    zd = z_hid[keep_d]
+
+    def w(mod):  # effective fp32 weight: LoRA merged
+        return (mod.merged_weight() if isinstance(mod, LoRALinear) else mod.weight).detach().float().cpu()
+
+    # A standard RMSNorm over D' kept dims reproduces the masked one (mean over D): weight * sqrt(D/D'), eps * D/D'.
+    norm_scale = math.sqrt(D / Dp)
+    emb = model.model.embed_tokens.weight.detach().float().cpu()
+    state = {"model.embed_tokens.weight": (emb * z_hid)[:, keep_d],
+             "model.norm.weight": model.model.norm.weight.detach().float().cpu()[keep_d] * norm_scale}
+    # A tied lm_head reads the unscaled embeddings: it stays tied only when the kept hidden gates are exactly 1.
+    tie = cfg.tie_embeddings and bool((zd == 1).all())
+    if not tie:
+        state["lm_head.weight"] = w(model.lm_head)[:, keep_d]
+    heads, kv_heads, ffn, kv_map = [], [], [], []
+    for i, layer in enumerate(model.model.layers):
+        a, m, p = layer.self_attn, layer.mlp, f"model.layers.{i}."
+        kh = z_head[i].nonzero().squeeze(1).tolist()  # kept query heads
+        kkv = sorted({cfg.kv_map[i][h] for h in kh})  # a K/V head survives if any head of its group does
+        rows = lambda hs: torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in hs]) if hs else torch.zeros(0, dtype=torch.long)
+        q_rows, kv_rows = rows(kh), rows(kkv)
+        head_scale = z_head[i].repeat_interleave(dh)[q_rows]  # soft head gates fold into o_proj's columns
+        ki = z_int[i].nonzero().squeeze(1)
+        state.update({
+            p + "self_attn.q_proj.weight": w(a.q_proj)[q_rows][:, keep_d],
+            p + "self_attn.k_proj.weight": w(a.k_proj)[kv_rows][:, keep_d],
+            p + "self_attn.v_proj.weight": w(a.v_proj)[kv_rows][:, keep_d],
+            p + "self_attn.o_proj.weight": (w(a.o_proj)[keep_d][:, q_rows] * head_scale) * zd[:, None],
+            p + "mlp.gate_proj.weight": w(m.gate_proj)[ki][:, keep_d],
+            p + "mlp.up_proj.weight": w(m.up_proj)[ki][:, keep_d],
+            p + "mlp.down_proj.weight": (w(m.down_proj)[keep_d][:, ki] * z_int[i][ki]) * zd[:, None],
+            p + "input_layernorm.weight": layer.input_layernorm.weight.detach().float().cpu()[keep_d] * norm_scale,
+            p + "post_attention_layernorm.weight":
+                layer.post_attention_layernorm.weight.detach().float().cpu()[keep_d] * norm_scale,
+        })
+        heads.append(len(kh))
+        kv_heads.append(len(kkv))
+        ffn.append(ki.numel())
+        kv_map.append([kkv.index(cfg.kv_map[i][h]) for h in kh])
+    new = LlamaConfig(dim=Dp, n_layers=L, n_heads=H, n_kv_heads=cfg.n_kv_heads, head_dim=dh, ffn_dim=cfg.ffn_dim,
+                      vocab_size=cfg.vocab_size, norm_eps=cfg.norm_eps * D / Dp, rope_theta=cfg.rope_theta,
+                      max_seq_len=cfg.max_seq_len, tie_embeddings=tie, rope_scaling=cfg.rope_scaling,
+                      heads=heads, kv_heads=kv_heads, ffn=ffn, kv_map=kv_map)
+    dtype = model.model.embed_tokens.weight.dtype
+    pruned = _meta_model(new)
+    pruned.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=not tie, assign=True)
+    if tie:
+        pruned.lm_head.weight = pruned.model.embed_tokens.weight
+    return pruned.to(model.model.embed_tokens.weight.device).eval()
+
+
+def export_pruned(model: Llama, masks: Masks, out_dir, tokenizer_path=None) -> LlamaConfig:
+    pruned = prune_model(model, masks)
+    save_model(pruned, out_dir, tokenizer_path)
+    return pruned.config
+
+# -----------------------------------------------------------------------------
+# generation with a KV cache
+
+
+@torch.no_grad()
+def generate(model: Llama, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             masks: Masks | None = None, eos_id: int | None = None, generator: torch.Generator | None = None):
+    """idx (B, T0) -> (B, T0 + new). Greedy when temperature == 0, else nucleus sampling."""
+    cfg = model.config
+    B, T0 = idx.shape
+    total = T0 + max_new_tokens
+    if total > cfg.max_seq_len:
+        raise ValueError(f"{total} tokens exceed the model's maximum length {cfg.max_seq_len}")
+    w = model.lm_head.weight
+    cache = [(w.new_zeros(B, kv, total, cfg.head_dim), w.new_zeros(B, kv, total, cfg.head_dim)) for kv in cfg.kv_heads]
+    logits = model(idx, masks, cache=cache, start_pos=0)[:, -1]
+    out = [idx]
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    for pos in range(T0, total):
+        if temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits.float() / temperature, -1)
+            sp, si = probs.sort(-1, descending=True)
+            sp[(sp.cumsum(-1) - sp) > top_p] = 0  # keep the smallest prefix with mass >= top_p
+            nxt = si.gather(-1, torch.multinomial(sp, 1, generator=generator)).squeeze(-1)
+        out.append(nxt[:, None])
+        if eos_id is not None:
+            done |= nxt == eos_id
+            if done.all():
+                break
+        if pos + 1 < total:
+            logits = model(nxt[:, None], masks, cache=cache, start_pos=pos)[:, -1]
+    return torch.cat(out, dim=1)
