@@ -7,7 +7,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)  # tiny models: one thread is fastest, and immune to a busy machine
 
 # Real public data (../shared/data beside the checkout, or $NUTEPRUNE_DATA); tests that need it skip without it.
 DATA = Path(os.environ.get("NUTEPRUNE_DATA", ROOT.parent / "shared" / "data"))
