@@ -1,0 +1,177 @@
+"""The whole command on a tiny random LLaMA: pruning, post fine-tuning, export, report, resume, errors."""
+import gc
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llama
+import nuteprune as npr
+from conftest import ROOT
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny tensors gain nothing from threads, and on a busy machine OpenMP threads stall each op for milliseconds
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+WORDS = ("the a little big red blue cat dog bird tree house sun moon ran jumped sat saw found happy sad and then "
+         "with to in on was it she he they played day night friend home ball park").split()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny GQA model with its own SentencePiece tokenizer, a text corpus and an Alpaca file."""
+    spm = pytest.importorskip("sentencepiece")
+    d = tmp_path_factory.mktemp("tiny")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 40))) + "." for _ in range(150)]
+    (d / "corpus.txt").write_text("\n\n".join(docs))
+    spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "tok"), vocab_size=64,
+                                   model_type="bpe", character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0,
+                                   pad_id=-1, minloglevel=2)
+    torch.manual_seed(0)
+    model = llama.Llama(llama.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=64,
+                                          max_seq_len=256))
+    llama.save_model(model, d / "model", tokenizer_path=d / "tok.model")
+    alpaca = [{"instruction": f"Tell me about the {rng.choice(WORDS)}.", "input": rng.choice(["", "a dog"]),
+               "output": " ".join(rng.choice(WORDS) for _ in range(8))} for _ in range(12)]
+    (d / "alpaca.json").write_text(json.dumps(alpaca))
+    return d
+
+
+def args(files, out, *extra):
+    return ["--ckpt", str(files / "model"), "--data", str(files / "corpus.txt"), "--target", "0.5", "--out", str(out),
+            "--block-size", "32", "--batch-size", "4", "--micro-batch-size", "2", "--heldout-blocks", "4",
+            "--max-steps", "12", "--log-every", "2", "--save-every", "2", "--warmup-epochs", "3", "--lr-mask", "1",
+            "--lr-lambda", "1", "--gap", "0.04", "--interval", "0.02", "--cache-dir", str(files / "cache"),
+            "--device", "cpu", *extra]  # fast masks: 12 steps cross every snapshot level and reach stage 2
+
+
+FT = ("--ft-data", "alpaca.json", "--ft-max-steps", "4", "--ft-batch-size", "4", "--ft-max-len", "256")
+
+
+def ft(files):
+    return [str(files / a) if a == "alpaca.json" else a for a in FT]
+
+
+def test_smoke_whole_command(files, tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "nuteprune.py"), *args(files, out), *ft(files)],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "prune [" in r.stderr and "finetune [" in r.stderr  # progress bars
+    report = json.loads((out / "report.json").read_text())
+    for key in ("target", "sparsity", "sparsity_total", "params_dense", "params_pruned", "hidden", "layers",
+                "ppl_before", "ppl_after", "wall_time_s"):
+        assert key in report
+    assert abs(report["sparsity"] - 0.5) <= 0.005 and len(report["layers"]) == 2
+    lines = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+    prune = [ln for ln in lines if ln["phase"] == "prune"]
+    assert [ln["step"] for ln in prune] == [2, 4, 6, 8, 10, 12]
+    assert prune[-1]["teacher_sparsity"] > 0  # a snapshot taught
+    for key in ("loss", "kd", "layer", "l0", "expected_sparsity", "target", "lambda_1", "lambda_2",
+                "teacher_sparsity", "lr_lora", "lr_mask", "lr_lambda"):
+        assert key in prune[0]
+    assert [ln["step"] for ln in lines if ln["phase"] == "finetune"] == [2, 4]
+    assert "expected_sparsity" in r.stdout  # greppable lines
+
+    # the exported model is what load_run's masked model computes, and its size is the report's
+    pruned = llama.load_model(out / "pruned")
+    model, masks, tok = npr.load_run(out)
+    assert llama.count_params(pruned) == report["params_pruned"]
+    idx = torch.randint(0, 64, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(idx), model(idx, masks), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("distill", ["kd", "none"])
+def test_ablations_run(files, tmp_path, distill):
+    report = npr.run(npr.parse_args(args(files, tmp_path, "--distill", distill, "--no-lora", "--max-steps", "4")))
+    assert abs(report["sparsity"] - 0.5) <= 0.005
+
+
+@pytest.mark.parametrize("kill_in", ["prune", "finetune"])
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(files, tmp_path, monkeypatch, kill_in):
+    npr.main(args(files, tmp_path / "a", *ft(files)))
+
+    class Killed(Exception):
+        pass
+
+    if kill_in == "prune":  # dies in step 10 (0-based 9), after the checkpoint of step 8
+        target_at = npr.target_at
+        monkeypatch.setattr(npr, "target_at", lambda step, *a: (_ for _ in ()).throw(Killed()) if step == 9
+                            else target_at(step, *a))
+    else:  # dies in fine-tuning step 3 (two micro-batches per step), after the checkpoint of step 2
+        calls, pad_batch = [], npr.data.pad_batch
+
+        def dying_pad_batch(*a):
+            calls.append(1)
+            if len(calls) == 6:
+                raise Killed()
+            return pad_batch(*a)
+        monkeypatch.setattr(npr.data, "pad_batch", dying_pad_batch)
+    with pytest.raises(Killed):
+        npr.main(args(files, tmp_path / "b", *ft(files)))
+    monkeypatch.undo()
+    assert not (tmp_path / "b" / "report.json").exists()
+    npr.main(["--resume", str(tmp_path / "b")])
+
+    a, b = (torch.load(tmp_path / x / "state.pt", weights_only=True) for x in ("a", "b"))
+    assert len(a["snapshots"]) == 24 and a["stage2_start"] is not None  # the teachers' machinery was exercised
+    for group in ("head", "intermediate", "hidden"):
+        assert torch.equal(a["final_masks"][group], b["final_masks"][group])
+    for key in ("gates", "lora", "ft_lora"):
+        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    log_a, log_b = ((tmp_path / x / "log.jsonl").read_text() for x in ("a", "b"))
+    assert log_a == log_b
+    ra, rb = (json.loads((tmp_path / x / "report.json").read_text()) for x in ("a", "b"))
+    assert ra["sparsity"] == rb["sparsity"] and ra["ppl_after"] == rb["ppl_after"]
+
+
+def test_distillation_step_holds_one_copy_of_the_base_weights(files, tmp_path, monkeypatch):
+    seen = []
+    forward = llama.Llama.forward
+
+    def spy(self, idx, masks=None, output_hidden=False, **kw):
+        if output_hidden:  # the teacher's and the student's forwards of a distillation step
+            snapshot_teacher = masks is not None and not torch.is_grad_enabled()
+            models = sum(type(o) is llama.Llama for o in gc.get_objects()) if snapshot_teacher else 1
+            weight = self.model.layers[0].self_attn.q_proj.weight
+            seen.append((torch.is_grad_enabled(), weight.data_ptr(), models, masks is not None))
+        return forward(self, idx, masks, output_hidden, **kw)
+    monkeypatch.setattr(llama.Llama, "forward", spy)
+    npr.run(npr.parse_args(args(files, tmp_path)))
+    assert [s[0] for s in seen] == [False, True] * 24  # 12 steps x 2 micro-batches: the teacher, then the student
+    assert any(s[3] for s in seen if not s[0])  # snapshots taught, not only the intact model
+    assert len({s[1] for s in seen}) == 1  # every forward read the same weight storage
+    assert all(s[2] == 1 for s in seen)  # and no second model existed while a snapshot taught
+
+
+def test_user_errors_print_one_line_and_exit_2(files, tmp_path, capsys):
+    for bad in (["--ckpt", str(tmp_path / "missing"), "--target", "0.5", "--data", "x"],
+                args(files, tmp_path / "o", "--target", "1.5"),
+                ["--resume", str(tmp_path / "nothing")],
+                args(files, tmp_path / "o", "--batch-size", "1000")):
+        with pytest.raises(SystemExit) as e:
+            npr.main(bad)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err
+
+
+def test_every_flag_explains_itself():
+    parser = npr.build_parser()
+    assert all(a.help for a in parser._actions)
+    text = parser.format_help()
+    for flag in ("--ckpt", "--target", "--tokenizer", "--data", "--out", "--max-steps", "--seed", "--resume",
+                 "--distill", "--no-lora", "--gap", "--interval", "--ft-data", "--device"):
+        assert flag in text

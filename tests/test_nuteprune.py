@@ -1,0 +1,245 @@
+"""Invariants of the pure parts of nuteprune.py: gates, expected sparsity, Lagrangian, teachers, losses."""
+import math
+
+import pytest
+import torch
+
+import llama
+import nuteprune as npr
+from llama import Masks
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny tensors gain nothing from threads, and on a busy machine OpenMP threads stall each op for milliseconds
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+MHA = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=48, vocab_size=64, max_seq_len=64)
+GQA = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=64, max_seq_len=64)
+
+
+def tiny(seed=0, lora=True, **kw):
+    torch.manual_seed(seed)
+    model = llama.Llama(llama.LlamaConfig(**kw)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if lora:
+        llama.add_lora(model)
+        for p in llama.lora_state(model).values():  # a trained-looking adapter
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def random_binary_masks(cfg, seed) -> Masks:
+    g = torch.Generator().manual_seed(seed)
+    head = (torch.rand(cfg.n_layers, cfg.n_heads, generator=g) > 0.5).float()
+    head[0, :cfg.n_heads // cfg.n_kv_heads] = 0  # a whole K/V group of layer 0
+    head[0, -1] = 1
+    inter = (torch.rand(cfg.n_layers, cfg.ffn_dim, generator=g) > 0.5).float()
+    hidden = (torch.rand(cfg.dim, generator=g) > 0.3).float()
+    hidden[0] = 1
+    return Masks(head, inter, hidden)
+
+# -- hard-concrete gates (§2) ------------------------------------------------------------------------------------
+
+
+def test_sampled_gates_match_analytic_expectation():
+    torch.manual_seed(0)
+    log_alpha = torch.linspace(-3, 3, 7)
+    gate = npr.HardConcrete((40000, 7), 0.0)
+    gate.log_alpha.data[:] = log_alpha
+    z = gate.sample()  # (40000, 7): 40000 draws of each of 7 gates
+    assert z.min() >= 0 and z.max() <= 1 and (z == 0).any() and (z == 1).any()
+    torch.testing.assert_close((z != 0).float().mean(0), gate.prob_nonzero()[0], atol=0.01, rtol=0)
+    # E[z] by quadrature: z is a function of u ~ U(0, 1) (Eq. 4); midpoint rule on a fine grid
+    u = (torch.arange(100000, dtype=torch.float64) + 0.5) / 100000
+    s = torch.sigmoid((u.log() - (1 - u).log() + log_alpha.double()[:, None]) / npr.BETA)
+    expected_z = (s * (npr.R - npr.L) + npr.L).clamp(0, 1).mean(1).float()
+    torch.testing.assert_close(z.mean(0), expected_z, atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(3, 50), (40,)], ids=["per-layer", "hidden"])
+def test_deterministic_masks_keep_the_intended_count(shape):
+    torch.manual_seed(1)
+    gate = npr.HardConcrete(shape, 0.0)
+    gate.log_alpha.data = torch.randn(shape) * 3
+    m = gate.deterministic()
+    assert set(m.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(m.sum(-1), gate.prob_nonzero().sum(-1).round(), atol=0, rtol=0)  # round(sum P) per row
+    for la, row in zip(gate.log_alpha.detach().view(-1, shape[-1]), m.view(-1, shape[-1])):
+        assert la[row == 1].min() > la[row == 0].max()  # the most confident units are the kept ones
+
+
+def test_gates_init_and_clamp():
+    gates = npr.Gates(llama.LlamaConfig(**GQA))
+    assert npr.expected_sparsity(gates.prob_nonzero(), llama.LlamaConfig(**GQA)).item() < 0.01  # starts dense
+    gates.clamp_()
+    for g in (gates.head, gates.intermediate, gates.hidden):
+        assert g.log_alpha.max() <= npr.LOG_ALPHA_MAX + 1e-6
+
+# -- expected sparsity (§3) ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", [MHA, GQA], ids=["mha", "gqa"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_expected_sparsity_equals_what_export_removes(cfg, seed):
+    model = tiny(**cfg)
+    masks = random_binary_masks(model.config, seed)
+    pruned = llama.prune_model(model, masks)
+    removed = 1 - npr.prunable_tensors(pruned) / npr.prunable_tensors(model)
+    assert abs(float(npr.expected_sparsity(masks, model.config)) - removed) < 1e-6
+    if cfg is GQA:
+        assert pruned.config.kv_heads[0] < model.config.n_kv_heads  # the group removed on export is counted
+
+
+def test_expected_sparsity_is_the_mean_over_sampled_binary_masks():
+    # independent Bernoulli(P) units: the mean exact sparsity of samples converges to Eq. 3 with the GQA K/V term
+    cfg = llama.LlamaConfig(**GQA)
+    g = torch.Generator().manual_seed(0)
+    p = Masks(torch.rand(2, 4, generator=g), torch.rand(2, 48, generator=g), torch.rand(32, generator=g))
+    draws = [float(npr.expected_sparsity(Masks(*(torch.bernoulli(t, generator=g) for t in npr.mask_tensors(p))), cfg))
+             for _ in range(4000)]
+    mean, se = sum(draws) / len(draws), torch.tensor(draws).std().item() / math.sqrt(len(draws))
+    assert abs(mean - float(npr.expected_sparsity(p, cfg))) < 4 * se
+
+
+def random_gates(cfg) -> npr.Gates:
+    gates = npr.Gates(cfg)
+    torch.manual_seed(3)
+    for g in (gates.head, gates.intermediate, gates.hidden):
+        g.log_alpha.data = torch.randn_like(g.log_alpha) * 2 + 1.0
+    return gates
+
+
+@pytest.mark.parametrize("cfg", [MHA, GQA], ids=["mha", "gqa"])
+@pytest.mark.parametrize("target", [0.2, 0.5, 0.7])
+def test_final_masks_land_within_tolerance_of_any_target(cfg, target):
+    model = tiny(**cfg)
+    masks = npr.final_masks(random_gates(model.config), model.config, target, tol=0.005)
+    exported = 1 - npr.prunable_tensors(llama.prune_model(model, masks)) / npr.prunable_tensors(model)
+    assert abs(exported - target) <= 0.005
+
+
+@pytest.mark.parametrize("cfg", [MHA, GQA], ids=["mha", "gqa"])
+@pytest.mark.parametrize("offset", [-0.03, 0.03])
+def test_final_masks_near_target_change_only_ffn_counts(cfg, offset):
+    c = llama.LlamaConfig(**cfg)
+    gates = random_gates(c)
+    reference = gates.deterministic()
+    target = float(npr.expected_sparsity(reference, c)) + offset  # the reference rule lands 3 points off
+    masks = npr.final_masks(gates, c, target, tol=0.005)
+    assert abs(float(npr.expected_sparsity(masks, c)) - target) <= 0.005
+    assert torch.equal(masks.head, reference.head) and torch.equal(masks.hidden, reference.hidden)
+    changed = masks.intermediate != reference.intermediate
+    la = gates.intermediate.log_alpha.detach()
+    if offset > 0:  # channels dropped: the least confident of those kept
+        assert la[changed].max() <= la[(reference.intermediate == 1) & ~changed].min()
+    else:  # channels added: the most confident of those pruned
+        assert la[changed].min() >= la[(reference.intermediate == 0) & ~changed].max()
+
+
+def test_final_masks_keep_the_reference_rule_when_it_is_on_target():
+    cfg = llama.LlamaConfig(**GQA)
+    gates = npr.Gates(cfg)
+    reference = gates.deterministic()
+    s = float(npr.expected_sparsity(reference, cfg))
+    masks = npr.final_masks(gates, cfg, s + 0.004)
+    assert all(torch.equal(a, b) for a, b in zip(npr.mask_tensors(masks), npr.mask_tensors(reference)))
+
+# -- Lagrangian and schedules (§4) -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offset", [-0.1, 0.1])
+def test_one_ascent_step_moves_lambda_1_with_the_sign_of_expected_minus_target(offset):
+    cfg = llama.LlamaConfig(**GQA)
+    gates = npr.Gates(cfg)
+    optimizer = npr.prune_optimizer(gates, [])
+    expected = npr.expected_sparsity(gates.prob_nonzero(), cfg)
+    target = expected.item() - offset  # expected - target = offset
+    npr.lagrangian(expected, target, gates.lambda_1, gates.lambda_2).backward()
+    optimizer.step()
+    assert math.copysign(1, gates.lambda_1.item()) == math.copysign(1, offset)
+    assert gates.lambda_2.item() > 0  # its gradient (expected - target)^2 is never negative
+
+
+def test_target_schedule_is_linear_over_the_warmup():
+    assert npr.target_at(0, 0.5, 100) == 0
+    assert npr.target_at(50, 0.5, 100) == pytest.approx(0.25)
+    assert npr.target_at(100, 0.5, 100) == npr.target_at(1000, 0.5, 100) == 0.5
+    assert npr.target_at(0, 0.5, 0) == 0.5
+    assert npr.linear_decay(0, 1e-3, 10) == 1e-3 and npr.linear_decay(10, 1e-3, 10) == 0
+
+
+def test_batch_order_is_a_pure_function_of_step():
+    n, bs = 10, 3  # 3 steps per epoch, one block dropped
+    epoch0 = torch.cat([npr.batch_indices(s, n, bs, seed=7) for s in range(3)])
+    assert len(set(epoch0.tolist())) == 9
+    assert torch.equal(npr.batch_indices(1, n, bs, seed=7), npr.batch_indices(1, n, bs, seed=7))
+    assert not torch.equal(epoch0, torch.cat([npr.batch_indices(s, n, bs, seed=7) for s in range(3, 6)]))
+
+# -- teachers (§6) -----------------------------------------------------------------------------------------------
+
+
+def levels(teacher):
+    return 0 if teacher is None else teacher.level  # 0: the intact model
+
+
+@pytest.mark.parametrize("target, n", [(0.5, 49), (0.2, 19)])
+def test_teacher_schedule(target, n):
+    gap = round(0.10 / 0.01)
+    snaps = [npr.Snapshot(k, k / 100, None, {}) for k in range(1, n + 1)]  # 1 %, 2 %, ... below the target
+    # stage 1: the teacher trails the newest snapshot by the gap; the intact model until that snapshot exists
+    for k in range(n + 1):
+        assert levels(npr.pick_teacher(0, snaps[:k], None, 10_000, gap)) == (k - gap + 1 if k >= gap else 0)
+    # stage 2: n + 1 equal parts, stepping down from target - gap to 1 %, then the intact model
+    part, start = 7, 1000
+    total = start + part * (n + 1)
+    seq = [levels(npr.pick_teacher(s, snaps, start, total, gap)) for s in range(start, total)]
+    first = round((target - 0.10) * 100)
+    assert seq[0] == first
+    assert seq == sorted(seq, reverse=True)
+    assert all(seq.count(k) == part for k in range(1, first + 1))
+    assert seq[-1] == 0 and seq.count(0) / len(seq) == pytest.approx(gap / (n + 1))  # the intact model's final share
+    assert seq.count(0) == len(seq) - first * part  # snapshots above target - gap are never teachers
+
+
+def test_teacher_swap_restores_the_student_even_when_the_forward_raises():
+    model = tiny(**GQA)
+    student = {k: v.clone() for k, v in llama.lora_state(model).items()}
+    teacher = {k: torch.randn_like(v) for k, v in student.items()}
+    with pytest.raises(IndexError):
+        with npr.teacher_lora(model, teacher):
+            assert all(torch.equal(v, teacher[k]) for k, v in llama.lora_state(model).items())
+            model(torch.full((1, 4), 10_000))  # token ids beyond the vocabulary: the forward raises
+    assert all(torch.equal(v, student[k]) for k, v in llama.lora_state(model).items())
+    idx = torch.randint(0, 64, (2, 9))
+    with torch.no_grad(), npr.teacher_lora(model, None):  # the intact model: LoRA contributes nothing
+        intact = model(idx)
+    assert all(torch.equal(v, student[k]) for k, v in llama.lora_state(model).items())
+    plain = tiny(lora=False, **GQA)
+    with torch.no_grad():
+        torch.testing.assert_close(intact, plain(idx), atol=1e-6, rtol=0)
+
+# -- losses (§5) -------------------------------------------------------------------------------------------------
+
+
+def test_kd_loss_is_batchmean_kl_times_t_squared():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    T = 2 / 3
+    p_t = torch.softmax(t / T, -1)
+    manual = (p_t * (p_t.log() - torch.log_softmax(s / T, -1))).sum() / 2 * T ** 2
+    torch.testing.assert_close(npr.kd_loss(s, t, T), manual)
+    assert npr.kd_loss(t, t, T).abs() < 1e-6
+
+
+def test_layer_loss_ignores_pruned_hidden_dims():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    student[..., :3] = 0  # pruned hidden dims: whatever the teacher has there carries no loss
+    expected = ((student - teacher)[..., 3:] ** 2).mean()
+    torch.testing.assert_close(npr.layer_loss([student, student], [teacher, teacher]), 2 * expected)
