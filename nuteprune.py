@@ -417,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data and schedule (§7)")
     g.add_argument("--n-docs", type=int, default=20000, help="documents read from --data")
     g.add_argument("--block-size", type=int, default=512, help="tokens per training block")
-    g.add_argument("--heldout-blocks", type=int, default=16, help="last blocks of --data kept out for perplexity")
+    g.add_argument("--heldout", help="held-out text for perplexity before/after (default: the last blocks of --data)")
+    g.add_argument("--heldout-blocks", type=int, default=16, help="blocks of held-out text for perplexity")
     g.add_argument("--epochs", type=int, default=7, help="pruning epochs")
     g.add_argument("--batch-size", type=int, default=16, help="blocks per optimizer step")
     g.add_argument("--micro-batch-size", type=int, default=4, help="blocks (Alpaca examples) per forward; gradients accumulate")
@@ -450,10 +451,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# `--ckpt demo`: the small LLaMA that demo.py trains from nothing but code (cached after the first run), its own
+# story text for calibration and held-out perplexity, and a step budget that fits a few minutes on two CPU cores.
+# Explicit flags still win; everything else is the paper's recipe.
+DEMO_DEFAULTS = dict(max_steps=240, block_size=256, batch_size=8, micro_batch_size=8, lr_lambda=2.0,
+                     heldout_blocks=64, log_every=20, save_every=100)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
     if a.resume:
         return a
+    if a.ckpt == "demo":
+        import demo  # only here: building the demo model needs nothing else
+        parser.set_defaults(**DEMO_DEFAULTS)
+        a = parser.parse_args(argv)
+        paths = demo.ensure_demo(Path(a.cache_dir) / "demo" if a.cache_dir else None)
+        a.ckpt, a.tokenizer = paths["ckpt"], a.tokenizer or paths["tokenizer"]
+        a.data, a.heldout = a.data or paths["train_text"], a.heldout or paths["heldout_text"]
     for name in ("ckpt", "target", "data"):
         if getattr(a, name) is None:
             raise ValueError(f"--{name} is required (or --resume OUT)")
@@ -519,7 +535,10 @@ def run(a: argparse.Namespace) -> dict:
     gates = Gates(cfg).to(device)
     attach_lora(model, a, state)
     blocks = data.calibration_blocks(a.data, tok, a.n_docs, a.block_size, a.cache_dir)  # (N, block_size)
-    heldout, blocks = blocks[len(blocks) - a.heldout_blocks:], blocks[:len(blocks) - a.heldout_blocks]
+    if a.heldout:  # a separate file: every block of --data trains
+        heldout = data.calibration_blocks(a.heldout, tok, a.n_docs, a.block_size, a.cache_dir)[:a.heldout_blocks]
+    else:  # the last blocks of --data, never trained on
+        heldout, blocks = blocks[len(blocks) - a.heldout_blocks:], blocks[:len(blocks) - a.heldout_blocks]
     if len(blocks) < a.batch_size:
         raise ValueError(f"{a.data}: {len(blocks)} training blocks of {a.block_size} tokens after holding out "
                          f"{a.heldout_blocks}, fewer than --batch-size {a.batch_size}")
@@ -701,8 +720,13 @@ def run(a: argparse.Namespace) -> dict:
         "wall_time_s": wall + time.time() - t_start, "args": vars(a)}
     (out / "report.json.tmp").write_text(json.dumps(report, indent=2))
     os.replace(out / "report.json.tmp", out / "report.json")
-    print(f"done | sparsity {report['sparsity']:.4f} (target {a.target}) | total {report['sparsity_total']:.4f} | "
-          f"ppl {report['ppl_before']} -> {report['ppl_after']} | {_hms(report['wall_time_s'])} | {out / 'pruned'}")
+    ppl = lambda v: "-" if v is None else f"{v:.2f}"
+    print(f"\n{'':8}{'params':>10}{'prunable':>10}{'held-out ppl':>14}\n"
+          f"{'dense':8}{report['params_dense'] / 1e6:9.3f}M{report['prunable_dense'] / 1e6:9.3f}M{ppl(ppl_before):>14}\n"
+          f"{'pruned':8}{report['params_pruned'] / 1e6:9.3f}M{report['prunable_pruned'] / 1e6:9.3f}M"
+          f"{ppl(report['ppl_after']):>14}\n"
+          f"sparsity {report['sparsity']:.4f} of prunable weights (target {a.target}), {report['sparsity_total']:.4f} "
+          f"of all; {_hms(report['wall_time_s'])}; model in {out / 'pruned'}, report in {out / 'report.json'}")
     return report
 
 
