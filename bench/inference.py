@@ -1,0 +1,172 @@
+"""Inference cost of exported (physically pruned) models: decode latency and prefill throughput (paper Table 4).
+
+A random LLaMA is pruned to 20% and 50% prunable sparsity with the structures NutePrune removes (query heads, FFN
+channels, hidden dims) by llama.prune_model, and measured side by side with the dense model in one process: decode
+latency for a 64-token prompt -> 256 new tokens (batch 1, KV cache, greedy; the paper's protocol) and prefill
+throughput. Each latency ratio is reported next to two ideals: the ratio of all parameters, and the ratio of the
+weights a decoded token actually reads (everything but the embedding table, which is a lookup).
+
+Per-layer shapes: with --report OUT/report.json the per-layer keep fractions of a real NutePrune run are applied to
+the bench model; otherwise a non-uniform profile in the spirit of the paper's Tables 11-12 (first and last layers
+kept wider, the middle pruned harder, ~10% of hidden dims removed at 50%; not the tables' exact numbers).
+
+Defaults: on CPU a 134M model (dim 768, 12 layers, 12 heads, FFN 2048, 32k vocabulary), fp32, 1 thread, prefill
+1 x 512, 3 rounds (about 2 minutes on a busy 2-core machine). On CUDA the Table-4 setting: LLaMA-7B shape, bf16,
+prefill 4 x 512, 5 rounds. Rounds interleave the models (dense, 20%, 50%, dense, ...); medians are reported.
+
+    python bench/inference.py [--device cpu|cuda] [--preset bench|7b] [--repeats 3] [--json bench/inference.json]
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import llama  # noqa: E402
+from train_cost import PRESETS, random_llama  # noqa: E402  (bench/, beside this file)
+
+GOAL_50 = 0.70  # 50% model at <= 0.7x dense decode latency
+PAPER = {"20%": 0.89, "50%": 0.71}  # Table 4: LLaMA-7B on vLLM, 64 -> 256 tokens, latency relative to dense
+
+
+def run_profile(report: dict) -> tuple[list[float], list[float], float]:
+    """Per-layer keep fractions (heads, FFN) and the hidden keep fraction of a finished run (OUT/report.json)."""
+    dense, _ = llama.read_checkpoint(report["args"]["ckpt"])  # the report records kept sizes, not the dense ones
+    heads = [x["heads"] / dense.n_heads for x in report["layers"]]
+    ffn = [x["ffn"] / dense.ffn_dim for x in report["layers"]]
+    return heads, ffn, report["hidden"] / dense.dim
+
+
+def profile_masks(cfg: llama.LlamaConfig, target: float, report: dict | None) -> llama.Masks:
+    """Binary masks with a per-layer keep profile, scaled until the prunable sparsity is within 0.5 pp of target."""
+    L = cfg.n_layers
+    if report:  # layer i of the bench model takes the keep fractions of layer i * L_run / L of the run
+        heads, ffn, hid = run_profile(report)
+        prof_h = [heads[i * len(heads) // L] for i in range(L)]
+        prof_f = [ffn[i * len(ffn) // L] for i in range(L)]
+    else:  # wider at both ends, narrower in the middle
+        shape = [1.0 - 0.6 * (1 - abs(2 * i / (L - 1) - 1)) for i in range(L)]
+        prof_h, prof_f, hid = shape, shape, 1.0
+    dense = llama.prunable_params(cfg)
+    lo, hi = 0.0, 4.0
+    for _ in range(40):  # bisection on a global scale of pruning pressure
+        s = (lo + hi) / 2
+        keep_d = max(1, round(cfg.dim * min(1.0, 1 - (1 - hid) * s - 0.12 * s)))
+        kh = [max(0, min(cfg.n_heads, round(cfg.n_heads * (1 - (1 - p) * s)))) for p in prof_h]
+        kf = [max(1, min(cfg.ffn_dim, round(cfg.ffn_dim * (1 - (1 - p) * s)))) for p in prof_f]
+        kept = sum(keep_d * cfg.head_dim * 4 * h + 3 * keep_d * f for h, f in zip(kh, kf))
+        sparsity = 1 - kept / dense
+        if abs(sparsity - target) < 0.005:
+            break
+        lo, hi = (s, hi) if sparsity < target else (lo, s)
+    head = torch.zeros(L, cfg.n_heads)
+    inter = torch.zeros(L, cfg.ffn_dim)
+    for i in range(L):
+        head[i, :kh[i]] = 1
+        inter[i, :kf[i]] = 1
+    hidden = torch.zeros(cfg.dim)
+    hidden[:keep_d] = 1
+    return llama.Masks(head, inter, hidden)
+
+
+def timed(fn, device) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="model shape (CPU: bench, CUDA: 7b)")
+    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens")
+    ap.add_argument("--new-tokens", type=int, default=256, help="tokens decoded")
+    ap.add_argument("--prefill-batch", type=int, default=None, help="sequences of 512 tokens (CPU: 1, CUDA: 4)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds over all models (CPU: 3, CUDA: 5)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable timings on a shared machine)")
+    ap.add_argument("--report", default=None, help="OUT/report.json of a NutePrune run: use its per-layer shape")
+    ap.add_argument("--json", default=str(ROOT / "bench" / "inference.json"))
+    args = ap.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    preset = args.preset or ("7b" if cuda else "bench")
+    prefill_batch = args.prefill_batch or (4 if cuda else 1)
+    repeats = args.repeats or (5 if cuda else 3)
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    cfg = llama.LlamaConfig(**PRESETS[preset], max_seq_len=max(512, args.prompt + args.new_tokens))
+    dense = random_llama(cfg, args.device, dtype).eval()
+    report = json.loads(Path(args.report).read_text()) if args.report else None
+    models = {"dense": dense}
+    for t in (0.2, 0.5):
+        models[f"{round(t * 100)}%"] = llama.prune_model(dense, profile_masks(cfg, t, report)).to(args.device, dtype)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt), generator=gen).to(args.device)
+    batch = torch.randint(0, cfg.vocab_size, (prefill_batch, 512), generator=gen).to(args.device)
+    print(f"model: random LLaMA {preset}, {args.device}, {str(dtype).removeprefix('torch.')}"
+          + ("" if cuda else f", {args.threads} thread(s)") + f"; decode {args.prompt} -> {args.new_tokens} tokens, "
+          f"batch 1, KV cache; prefill {prefill_batch} x 512; {repeats} rounds", flush=True)
+
+    decode = {n: [] for n in models}
+    prefill = {n: [] for n in models}
+    with torch.no_grad():
+        for m in models.values():  # warm-up: allocations, kernel choice
+            llama.generate(m, prompt, 16)
+            m(batch)
+        for r in range(repeats):
+            for name, m in models.items():
+                decode[name].append(timed(lambda: llama.generate(m, prompt, args.new_tokens), args.device))
+                prefill[name].append(timed(lambda: m(batch), args.device))
+            print(f"  round {r}: " + "  ".join(f"{n} {decode[n][-1]:.2f}s" for n in models), flush=True)
+
+    rows = []
+    for name, m in models.items():
+        c = m.config
+        params = llama.count_params(m)
+        read = params - c.vocab_size * c.dim * (0 if c.tie_embeddings else 1)  # all but the embedding lookup
+        prunable = llama.prunable_params(c)
+        rows.append({"model": name, "params": params, "weights_read_per_token": read,
+                     "prunable": prunable, "sparsity": 1 - prunable / llama.prunable_params(cfg),
+                     "hidden": c.dim, "heads": c.heads, "ffn": c.ffn,
+                     "decode_s": statistics.median(decode[name]), "decode_runs_s": decode[name],
+                     "ms_per_token": 1e3 * statistics.median(decode[name]) / args.new_tokens,
+                     "prefill_tok_s": batch.numel() / statistics.median(prefill[name])})
+    base = rows[0]
+    for r in rows:  # ratios within each round (models interleaved), then the median
+        r["latency_ratio"] = statistics.median(a / b for a, b in zip(decode[r["model"]], decode["dense"]))
+        r["prefill_speedup"] = statistics.median(b / a for a, b in zip(prefill[r["model"]], prefill["dense"]))
+        r["ideal_params"] = r["params"] / base["params"]
+        r["ideal_weights_read"] = r["weights_read_per_token"] / base["weights_read_per_token"]
+        r["paper_latency_ratio"] = PAPER.get(r["model"])
+    print(f"\n{'model':<6} {'sparsity':>8} {'params':>8} {'ms/token':>9} {'latency':>8} {'ideal(read)':>11} "
+          f"{'ideal(params)':>13} {'paper':>6} {'prefill tok/s':>14} {'speed-up':>9}")
+    for r in rows:
+        paper = f"{r['paper_latency_ratio']:.2f}x" if r["paper_latency_ratio"] else "-"
+        print(f"{r['model']:<6} {r['sparsity']:8.3f} {r['params'] / 1e6:7.1f}M {r['ms_per_token']:9.2f} "
+              f"{r['latency_ratio']:7.2f}x {r['ideal_weights_read']:10.2f}x {r['ideal_params']:12.2f}x {paper:>6} "
+              f"{r['prefill_tok_s']:14.0f} {r['prefill_speedup']:8.2f}x")
+    r50 = rows[2]
+    met = r50["latency_ratio"] <= GOAL_50
+    print(f"\n50% decode latency {r50['latency_ratio']:.3f}x dense (goal <= {GOAL_50}x: {'met' if met else 'MISSED'}; "
+          f"paper 0.71x; ideal {r50['ideal_weights_read']:.2f}x by weights read)")
+    out = {"device": args.device, "dtype": str(dtype).removeprefix("torch."), "preset": preset,
+           "config": PRESETS[preset], "threads": None if cuda else args.threads, "prompt": args.prompt,
+           "new_tokens": args.new_tokens, "prefill_batch": prefill_batch, "prefill_len": 512, "repeats": repeats,
+           "profile": "report " + args.report if args.report else "built-in (ends wider, middle narrower)",
+           "rows": rows, "goal_50": {"value": r50["latency_ratio"], "goal": GOAL_50, "met": met}, "paper": PAPER}
+    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
