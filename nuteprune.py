@@ -610,12 +610,15 @@ def run(a: argparse.Namespace) -> dict:
                     parts = {"lm": lm_loss(model(idx, z_leaf), idx)}
                 else:
                     # the teacher first: its in-place LoRA swap must not touch a live student graph (§6)
+                    layers = a.layer_weight > 0  # without the layer loss, keep no hidden states (memory)
                     with torch.no_grad(), teacher_lora(model, None if teacher is None else teacher.lora):
-                        t_logits, t_hidden = model(idx, None if teacher is None else teacher.masks.to(device),
-                                                   output_hidden=True)
-                    logits, hidden = model(idx, z_leaf, output_hidden=True)
-                    parts = {"kd": a.kd_weight * kd_loss(logits, t_logits, a.kd_temp),  # Eq. 9
-                             "layer": a.layer_weight * layer_loss(hidden, t_hidden)}
+                        t_out = model(idx, None if teacher is None else teacher.masks.to(device), output_hidden=layers)
+                    out_s = model(idx, z_leaf, output_hidden=layers)
+                    (logits, hidden), (t_logits, t_hidden) = (out_s, t_out) if layers else ((out_s, []), (t_out, []))
+                    parts = {"kd": a.kd_weight * kd_loss(logits, t_logits, a.kd_temp)}  # Eq. 9
+                    if layers:
+                        parts["layer"] = a.layer_weight * layer_loss(hidden, t_hidden)
+                    del t_out, t_logits, t_hidden  # the teacher's tensors are not needed by backward
             scaler.scale(sum(parts.values()) * frac).backward()
             for k, v in parts.items():
                 terms[k] += float(v.detach()) * frac

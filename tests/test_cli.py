@@ -93,9 +93,10 @@ def test_smoke_whole_command(files, tmp_path):
         torch.testing.assert_close(pruned(idx), model(idx, masks), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("distill", ["kd", "none"])
+@pytest.mark.parametrize("distill", ["kd", "none", "pkd-no-layer-loss"])
 def test_ablations_run(files, tmp_path, distill):
-    report = npr.run(npr.parse_args(args(files, tmp_path, "--distill", distill, "--no-lora", "--max-steps", "4")))
+    extra = ("--distill", "pkd", "--layer-weight", "0") if distill == "pkd-no-layer-loss" else ("--distill", distill)
+    report = npr.run(npr.parse_args(args(files, tmp_path, *extra, "--no-lora", "--max-steps", "4")))
     assert abs(report["sparsity"] - 0.5) <= 0.005
 
 
