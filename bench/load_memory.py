@@ -8,10 +8,8 @@ touching every weight once (a forward pass), and reports peak / size on disk.
 """
 import argparse
 import json
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

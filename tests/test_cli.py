@@ -14,15 +14,6 @@ import nuteprune as npr
 from conftest import ROOT
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors gain nothing from threads, and on a busy machine OpenMP threads stall each op for milliseconds
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 WORDS = ("the a little big red blue cat dog bird tree house sun moon ran jumped sat saw found happy sad and then "
          "with to in on was it she he they played day night friend home ball park").split()
 
