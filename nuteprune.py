@@ -531,6 +531,8 @@ def run(a: argparse.Namespace) -> dict:
     cfg = model.config
     if not cfg.uniform:
         raise ValueError(f"{a.ckpt} is already pruned (per-layer sizes); start from a dense checkpoint")
+    if a.block_size > cfg.max_seq_len:
+        raise ValueError(f"--block-size {a.block_size} exceeds the model's maximum length {cfg.max_seq_len}")
     model.gradient_checkpointing = cuda if a.grad_ckpt is None else a.grad_ckpt
     gates = Gates(cfg).to(device)
     attach_lora(model, a, state)
