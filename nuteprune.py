@@ -392,12 +392,20 @@ def truncate_log(path: Path, step: int, ft_step: int):
 # command line
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    # like ArgumentDefaultsHelpFormatter, without "(default: None)" on flags that have no default
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="NutePrune: prune a LLaMA checkpoint to a target sparsity by "
                                 "progressive distillation (defaults: the paper's recipe).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_DefaultsHelp)
     g = p.add_argument_group("run")
-    g.add_argument("--ckpt", help="base model: HF directory, Meta directory or llama2.c .bin")
+    g.add_argument("--ckpt", help="base model: HF directory, Meta directory, llama2.c .bin, or demo (built by demo.py)")
     g.add_argument("--target", type=float, help="fraction of prunable weights (q,k,v,o,gate,up,down) to remove")
     g.add_argument("--tokenizer", help="SentencePiece model (default: beside --ckpt)")
     g.add_argument("--data", help="calibration text: C4 .json(l)(.gz) with a 'text' field, or plain text")
