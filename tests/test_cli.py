@@ -167,3 +167,17 @@ def test_every_flag_explains_itself():
     for flag in ("--ckpt", "--target", "--tokenizer", "--data", "--out", "--max-steps", "--seed", "--resume",
                  "--distill", "--no-lora", "--gap", "--interval", "--ft-data", "--device"):
         assert flag in text
+
+
+def test_ckpt_demo_fills_paths_and_budget(files, monkeypatch):
+    """`--ckpt demo` (the README's first command) takes the demo's files and CPU budget; explicit flags still win."""
+    import demo
+    paths = {"ckpt": str(files / "model"), "tokenizer": str(files / "tok.model"),
+             "train_text": str(files / "corpus.txt"), "heldout_text": str(files / "corpus.txt")}
+    monkeypatch.setattr(demo, "ensure_demo", lambda cache_dir=None: paths)  # the real build takes ~2 minutes
+    a = npr.parse_args(["--ckpt", "demo", "--target", "0.5", "--batch-size", "4"])
+    assert (a.ckpt, a.tokenizer, a.data, a.heldout) == (paths["ckpt"], paths["tokenizer"], paths["train_text"],
+                                                        paths["heldout_text"])
+    assert a.max_steps == npr.DEMO_DEFAULTS["max_steps"] and a.block_size == npr.DEMO_DEFAULTS["block_size"]
+    assert a.batch_size == 4  # given on the command line
+    assert npr.parse_args(["--ckpt", str(files / "model"), "--target", "0.5", "--data", "x"]).max_steps is None
