@@ -82,12 +82,14 @@ class Progress:
     def update(self, n: int = 1):
         self.done += n
         now = time.time()
-        if self.enabled and (now - self.last > 0.5 or self.done >= self.total):
+        tty = sys.stderr.isatty()  # a terminal redraws one line; a log file gets a line every 30 s
+        if self.enabled and (now - self.last > (0.5 if tty else 30) or self.done >= self.total):
             self.last = now
             rate = self.done / max(now - self.t0, 1e-9)
             eta = (self.total - self.done) / max(rate, 1e-9)
-            print(f"\r{self.label} {self.done}/{self.total}  {rate:.1f}/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}",
-                  end="\n" if self.done >= self.total else "", file=sys.stderr, flush=True)
+            line = f"{self.label} {self.done}/{self.total}  {rate:.1f}/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+            end = "\n" if self.done >= self.total or not tty else ""
+            print(("\r" if tty else "") + line, end=end, file=sys.stderr, flush=True)
 
 # -----------------------------------------------------------------------------
 # perplexity (SPEC §9, LLM-Pruner's ppl_dataset.py + PPLMetric)
