@@ -1,8 +1,8 @@
-"""Text in, token ids out: C4 calibration blocks (SPEC §7), Stanford Alpaca fine-tuning examples (§7, post
-fine-tuning) and the WikiText-2 / PTB strings of the LLM-Pruner perplexity protocol (§9).
+"""Text in, token ids out: C4 calibration blocks (METHOD.md §7), Stanford Alpaca fine-tuning examples (METHOD.md §7, post
+fine-tuning) and the WikiText-2 / PTB strings of the LLM-Pruner perplexity protocol (METHOD.md §9).
 
 A tokenizer here is anything with .encode(text, bos=False, eos=False) -> list[int], .bos_id, .eos_id and .path
-(the SentencePiece model file), i.e. llama.Tokenizer. Nothing in this file imports the model.
+(the SentencePiece model file), i.e. llama.Tokenizer. Of llama.py this file uses only its atomic file writer.
 """
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import itertools
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from llama import atomic_write
 
 IGNORE = -100  # label of tokens that carry no loss (cross_entropy's ignore_index)
 
@@ -24,12 +25,17 @@ IGNORE = -100  # label of tokens that carry no loss (cross_entropy's ignore_inde
 # reading documents
 
 
-def _check_file(path) -> Path:
+def check_file(path, what: str = "data file") -> Path:
+    """path, if it names a readable, non-empty file; else a ValueError that names `what` and the problem."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what} {p} is a directory; give a file")
     if not p.is_file():
-        raise ValueError(f"data file {p} does not exist")
+        raise ValueError(f"{what} {p} does not exist")
     if p.stat().st_size == 0:
-        raise ValueError(f"data file {p} is empty")
+        raise ValueError(f"{what} {p} is empty")
+    if not os.access(p, os.R_OK):
+        raise ValueError(f"{what} {p} is not readable (permissions)")
     return p
 
 
@@ -67,7 +73,7 @@ def _json_records(p: Path, n: int | None):
 def read_documents(path, n_docs: int | None = None) -> list[str]:
     """The first n_docs documents of a corpus file: `text` of each JSON record, or blank-line-separated chunks of a
     plain text file."""
-    p = _check_file(path)
+    p = check_file(path)
     if re.search(r"\.(jsonl|json)(\.gz)?$", p.name):
         docs = []
         for i, rec in enumerate(_json_records(p, n_docs)):
@@ -83,7 +89,7 @@ def read_documents(path, n_docs: int | None = None) -> list[str]:
     return docs
 
 # -----------------------------------------------------------------------------
-# C4 calibration blocks (SPEC §7): one BOS per document, no EOS, concatenated, cut into blocks
+# C4 calibration blocks (METHOD.md §7): one BOS per document, no EOS, concatenated, cut into blocks
 
 
 def _sha256_file(path) -> str:
@@ -105,7 +111,7 @@ def corpus_tokens(path, tokenizer, n_docs: int = 20000, cache_dir=None) -> np.nd
     takes ~15 s on one CPU core, reading the cache milliseconds. The key hashes contents, not paths, so a renamed or copied
     file still hits and an edited one misses.
     """
-    p = _check_file(path)
+    p = check_file(path)
     key = hashlib.sha256(f"{_sha256_file(tokenizer.path)}|{_sha256_file(p)}|{n_docs}".encode()).hexdigest()[:32]
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cached = folder / f"tokens-{key}.npy"
@@ -117,16 +123,11 @@ def corpus_tokens(path, tokenizer, n_docs: int = 20000, cache_dir=None) -> np.nd
     ids = [t for doc in read_documents(p, n_docs) for t in tokenizer.encode(doc, bos=True)]
     arr = np.asarray(ids, dtype=np.int32)
     folder.mkdir(parents=True, exist_ok=True)
-    # atomic: a concurrent reader sees either no file or the whole file, never a partial one
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=cached.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: Path):
+        with open(tmp, "wb") as f:
             np.save(f, arr)
-        os.replace(tmp, cached)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(cached, write)  # a concurrent reader sees either no file or the whole file, never a partial one
     return arr
 
 
@@ -141,7 +142,7 @@ def calibration_blocks(path, tokenizer, n_docs: int = 20000, block_size: int = 5
     return torch.from_numpy(ids[:n * block_size].astype(np.int64)).view(n, block_size)  # (N, block_size)
 
 # -----------------------------------------------------------------------------
-# Stanford Alpaca (SPEC §7 post fine-tuning): the template of tatsu-lab/stanford_alpaca train.py
+# Stanford Alpaca (METHOD.md §7 post fine-tuning): the template of tatsu-lab/stanford_alpaca train.py
 
 
 ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -164,7 +165,7 @@ def alpaca_examples(path, tokenizer, max_len: int = 512) -> list[tuple[list[int]
     prompt's own tokenisation fixes how many leading tokens are masked; truncation keeps the first max_len tokens.
     Records whose output is truncated away entirely are dropped (they would carry no loss at all).
     """
-    p = _check_file(path)
+    p = check_file(path)
     out = []
     for i, rec in enumerate(_json_records(p, None)):
         if not (isinstance(rec, dict) and all(isinstance(rec.get(k), str) for k in ("instruction", "output"))):
@@ -191,13 +192,13 @@ def pad_batch(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, labels
 
 # -----------------------------------------------------------------------------
-# perplexity corpora, joined exactly as LLM-Pruner's ppl_dataset.py joins the Hugging Face rows (SPEC §9)
+# perplexity corpora, joined exactly as LLM-Pruner's ppl_dataset.py joins the Hugging Face rows (METHOD.md §9)
 
 
 def wikitext2_text(path) -> str:
     # HF wikitext-2-raw-v1 rows are the file's lines with their "\n" kept, blank lines (" \n") becoming "".
     # Iterating the file splits on newlines only (str.splitlines would also split on \x0b, \u2028, ...).
-    p = _check_file(path)
+    p = check_file(path)
     with open(p, encoding="utf-8") as f:
         rows = [line if line.strip() else "" for line in f]
     return "\n\n".join(rows)
@@ -205,7 +206,7 @@ def wikitext2_text(path) -> str:
 
 def ptb_text(path) -> str:
     # HF ptb_text_only rows ("sentence") are the stripped lines of ptb.<split>.txt
-    p = _check_file(path)
+    p = check_file(path)
     with open(p, encoding="utf-8") as f:
         rows = [line.strip() for line in f]
     return "\n\n".join(rows)

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import data
+import evaluate
 import llama
 
 VERSION = 1  # bump when the corpus, tokenizer or training changes: cached builds of another version are rebuilt
@@ -236,14 +238,9 @@ def token_stream(tok: llama.Tokenizer, docs: list[str]) -> torch.Tensor:
     return torch.tensor([t for d in docs for t in tok.encode(d, bos=True)], dtype=torch.long)
 
 
-@torch.no_grad()
 def mean_loss(model: llama.Llama, ids: torch.Tensor, seq_len: int, max_blocks: int | None = None) -> float:
-    n = len(ids) // seq_len if max_blocks is None else min(len(ids) // seq_len, max_blocks)
-    assert n > 0, f"{len(ids)} tokens, too few for one block of {seq_len}"
-    blocks = ids[:n * seq_len].view(n, seq_len)  # (N, T), non-overlapping like data.calibration_blocks
-    total = sum(F.cross_entropy(model(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten(), reduction="sum").item()
-                for b in blocks.split(16))
-    return total / (n * (seq_len - 1))
+    # non-overlapping blocks, like data.calibration_blocks
+    return evaluate.mean_nll(model, evaluate.windows(ids, seq_len, max_blocks), batch_size=16)
 
 
 def unigram_loss(train: torch.Tensor, heldout: torch.Tensor, vocab: int) -> float:
@@ -326,8 +323,7 @@ def build_demo(out: Path, cfg: DemoConfig, log) -> dict:
 
 
 def default_cache_dir() -> Path:
-    # the same root as data.default_cache_dir (NUTEPRUNE_CACHE), so one variable moves every cache
-    return Path(os.environ.get("NUTEPRUNE_CACHE") or Path.home() / ".cache" / "nuteprune") / "demo"
+    return data.default_cache_dir() / "demo"  # one variable (NUTEPRUNE_CACHE) moves every cache
 
 
 def _sha256(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Evaluate a model with the protocols behind the paper's tables (SPEC §9).
+"""Evaluate a model with the protocols behind the paper's tables (METHOD.md §9).
 
     python evaluate.py --ckpt PATH [--tokenizer PATH] --data-dir DIR [--tasks wikitext2,ptb,boolq,...,mmlu]
                        [--seq-len 128] [--harness fixed|legacy] [--limit N] [--json OUT]
@@ -12,7 +12,7 @@
 - MMLU 5-shot in the format of Hendrycks et al.; the answer is the letter with the highest log-probability.
 
 --ckpt is anything llama.load reads (HF / Meta directory, llama2.c .bin, an exported pruned model) or a nuteprune
-output directory (state.pt or report.json inside: the masked model with its LoRA, via nuteprune.load_run).
+output directory (state.pt or report.json inside), evaluated through its exported pruned/ model.
 
 Scoring shares work: the tokens every choice of an item has in common are run once, into a KV cache, and only the
 choice-specific suffixes are run, batched across items and choices (bench/eval_throughput.py measures the gain).
@@ -25,6 +25,7 @@ import math
 import re
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ import llama
 ZERO_SHOT = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 PPL_TASKS = ("wikitext2", "ptb")
 ALL_TASKS = PPL_TASKS + ZERO_SHOT + ("mmlu",)
-# The metric each task contributes to the paper's average (LLM-Pruner's mix, SPEC §9).
+# The metric each task contributes to the paper's average (LLM-Pruner's mix, METHOD.md §9).
 PAPER_METRIC = {"boolq": "acc", "piqa": "acc", "hellaswag": "acc_norm", "winogrande": "acc", "arc_easy": "acc",
                 "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
 HEADERS = {"wikitext2": "WikiText2", "ptb": "PTB", "boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag",
@@ -72,27 +73,68 @@ def read_jsonl(path, limit: int | None = None) -> list[dict]:
     return items
 
 
+def hms(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 class Progress:
-    """One self-overwriting stderr line: `label done/total  rate/s  ETA m:ss`."""
+    """`desc [####    ] n/total 0:01:02 ETA 0:03:10 4.20 it/s` on stderr: redrawn in place on a terminal, a whole
+    line every 30 s (and at the end) when stderr is a log file. The one progress bar of every command."""
 
-    def __init__(self, total: int, label: str, enabled: bool = True):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.done, self.t0, self.last = 0, time.time(), 0.0
+    def __init__(self, desc: str, total: int, start: int = 0, enabled: bool = True):
+        self.desc, self.total, self.start, self.n, self.enabled = desc, total, start, start, enabled
+        self.t0, self.shown, self.tty = time.time(), 0.0, sys.stderr.isatty()
 
-    def update(self, n: int = 1):
-        self.done += n
-        now = time.time()
-        tty = sys.stderr.isatty()  # a terminal redraws one line; a log file gets a line every 30 s
-        if self.enabled and (now - self.last > (0.5 if tty else 30) or self.done >= self.total):
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            line = f"{self.label} {self.done}/{self.total}  {rate:.1f}/s  ETA {int(eta) // 60}:{int(eta) % 60:02d}"
-            end = "\n" if self.done >= self.total or not tty else ""
-            print(("\r" if tty else "") + line, end=end, file=sys.stderr, flush=True)
+    def update(self, n: int):
+        self.n, now = n, time.time()
+        if not self.enabled or (now - self.shown < (0.5 if self.tty else 30) and n < self.total):
+            return
+        self.shown = now
+        rate = (n - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.total - n) / rate if rate > 0 else float("inf")
+        bar = "#" * (24 * n // max(self.total, 1))
+        line = f"{self.desc} [{bar:<24}] {n}/{self.total} {hms(now - self.t0)} ETA {hms(eta)} {rate:.2f} it/s"
+        sys.stderr.write(f"\r{line}\x1b[K" if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def advance(self, k: int = 1):
+        self.update(self.n + k)
+
+    def close(self):
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
 
 # -----------------------------------------------------------------------------
-# perplexity (SPEC §9, LLM-Pruner's ppl_dataset.py + PPLMetric)
+# perplexity (METHOD.md §9, LLM-Pruner's ppl_dataset.py + PPLMetric); the one perplexity loop of the project
+
+
+@torch.no_grad()
+def mean_nll(model, windows: torch.Tensor, batch_size: int, masks=None, autocast=nullcontext,
+             bar: Progress | None = None) -> float:
+    """Mean next-token cross-entropy over windows (N, T); a window's first token is context only."""
+    device = model.lm_head.weight.device
+    nll, count = 0.0, 0
+    for batch in windows.split(batch_size):
+        batch = batch.to(device)
+        with autocast():
+            logits = model(batch, masks)  # (B, T, V)
+        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
+        count += batch[:, 1:].numel()
+        if bar is not None:
+            bar.advance(len(batch))
+    return nll / max(count, 1)
+
+
+def windows(ids, seq_len: int, limit: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows (N, seq_len) of a token stream, the remainder dropped."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    n = len(ids) // seq_len if limit is None else min(len(ids) // seq_len, limit)
+    if n == 0:
+        raise ValueError(f"text of {len(ids)} tokens is shorter than one window of seq_len={seq_len}")
+    return ids[:n * seq_len].view(n, seq_len)
 
 
 def perplexity(model, tokenizer, text: str, seq_len: int = 2048, batch_size: int = 1, masks=None,
@@ -100,30 +142,17 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 2048, batch_size: int
     return _perplexity(model, tokenizer.encode(text, bos=True), seq_len, batch_size, masks, limit, verbose)[0]
 
 
-@torch.no_grad()
 def _perplexity(model, ids: list[int], seq_len, batch_size, masks, limit, verbose, label="perplexity"):
     if seq_len > model.config.max_seq_len:
         raise ValueError(f"seq_len {seq_len} exceeds the model's maximum length {model.config.max_seq_len}")
-    ids = torch.tensor(ids, dtype=torch.long)  # the whole corpus, one BOS at its start
-    n = len(ids) // seq_len  # non-overlapping windows, remainder dropped
-    if limit is not None:
-        n = min(n, limit)
-    if n == 0:
-        raise ValueError(f"text of {len(ids)} tokens is shorter than one window of seq_len={seq_len}")
-    windows = ids[:n * seq_len].view(n, seq_len)  # (N, T); a window's first token is context only
-    device = model.lm_head.weight.device
-    nll, count = 0.0, 0
-    bar = Progress(n, f"{label} (seq_len {seq_len})", verbose)
-    for batch in windows.split(batch_size):
-        batch = batch.to(device)
-        logits = model(batch, masks)  # (B, T, V)
-        nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
-        count += batch[:, 1:].numel()
-        bar.update(len(batch))
-    return math.exp(nll / count), n  # (PPL, windows)
+    w = windows(ids, seq_len, limit)  # the whole corpus, one BOS at its start
+    bar = Progress(f"{label} (seq_len {seq_len})", len(w), enabled=verbose)
+    nll = mean_nll(model, w, batch_size, masks, bar=bar)
+    bar.close()
+    return math.exp(nll), len(w)  # (PPL, windows)
 
 # -----------------------------------------------------------------------------
-# zero-shot tasks: lm-evaluation-harness v0.3 prompts (SPEC §9)
+# zero-shot tasks: lm-evaluation-harness v0.3 prompts (METHOD.md §9)
 
 
 @dataclass
@@ -213,7 +242,7 @@ def mmlu_docs(dev: list[dict], test: list[dict], tokenizer, max_len: int, k: int
     return docs
 
 # -----------------------------------------------------------------------------
-# tokenisation (SPEC §9, Appendix A of the paper)
+# tokenisation (METHOD.md §9, Appendix A of the paper)
 
 
 def encode_pair(tokenizer, context: str, continuation: str, harness: str = "fixed", bos: bool = False):
@@ -284,12 +313,6 @@ def _plan(req: Request, max_len: int):
     return rows, choices, shared
 
 
-def _new_cache(model, batch: int, length: int):
-    cfg, w = model.config, model.lm_head.weight
-    return [(w.new_zeros(batch, kv, length, cfg.head_dim), w.new_zeros(batch, kv, length, cfg.head_dim))
-            for kv in cfg.kv_heads]  # per layer (k, v), each (B, Hkv, T, Dh)
-
-
 MAX_SPLITS = 4  # forward passes per batch for the choice-specific rows, grouped by length (less padding)
 
 
@@ -349,7 +372,7 @@ def score_requests(model, requests: list[Request], batch_size: int = 16, masks=N
     device = model.lm_head.weight.device
     plans = [_plan(r, max_len) for r in requests]
     scores: list[list[float] | None] = [None] * len(requests)
-    bar = Progress(len(requests), label, verbose)
+    bar = Progress(label, len(requests), enabled=verbose)
     for batch, Q, runs in _schedule(plans, batch_size):
         rows, owner, choices = [], [], []  # rows of the batch, the item slot of each, (row, first, targets) per choice
         for slot, i in enumerate(batch):
@@ -360,7 +383,7 @@ def score_requests(model, requests: list[Request], batch_size: int = 16, masks=N
         cache = None
         if Q > 0:  # the shared prefix once per item: (G, Q)
             prefix = torch.tensor([plans[i][0][0][:Q] for i in batch], dtype=torch.long, device=device)
-            cache = _new_cache(model, len(batch), max(map(len, rows)))
+            cache = llama.new_kv_cache(model, len(batch), max(map(len, rows)))
             model(prefix, masks, cache=cache, start_pos=0)
         sums = torch.zeros(len(choices), dtype=torch.float64, device=device)
         for run in runs:
@@ -388,7 +411,8 @@ def score_requests(model, requests: list[Request], batch_size: int = 16, masks=N
         for i in batch:
             k = len(requests[i].pairs)
             scores[i], sums = sums[:k], sums[k:]
-        bar.update(len(batch))
+        bar.advance(len(batch))
+    bar.close()
     return scores
 
 
@@ -516,19 +540,20 @@ def format_table(results: dict, label: str = "model") -> str:
 
 
 def load_for_eval(ckpt, tokenizer=None, device="cpu", dtype=torch.float32):
-    """-> (model, masks or None, tokenizer, kind). kind: dense, pruned (an exported model), nuteprune-run."""
+    """-> (model, masks or None, tokenizer, kind). kind: dense, pruned (an exported model), nuteprune-run (a run
+    directory, evaluated through its exported pruned/, which equals the masked model with the run's LoRA)."""
     p = Path(ckpt)
+    kind = None
     if p.is_dir() and ((p / "state.pt").is_file() or (p / "report.json").is_file()):
-        import nuteprune  # only for this case: plain checkpoints evaluate without the pruning code
-        model, masks, tok = nuteprune.load_run(p, device, dtype)
-        if tokenizer is not None:
-            tok = llama.Tokenizer(tokenizer)
-        return model, masks, tok, "nuteprune-run"
+        if not (p / "pruned" / "config.json").is_file():
+            raise ValueError(f"{p} is a nuteprune run that has not exported its model yet; finish it with "
+                             f"python nuteprune.py --resume {p}")
+        p, kind = p / "pruned", "nuteprune-run"
     model, tok = llama.load(p, tokenizer, device, dtype)
-    return model, None, tok, "dense" if model.config.uniform else "pruned"
+    return model, None, tok, kind or ("dense" if model.config.uniform else "pruned")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", required=True,
                     help="checkpoint (HF/Meta dir, llama2.c .bin, exported pruned model) or nuteprune output dir")
@@ -540,27 +565,52 @@ def main(argv=None) -> int:
                     help="per-task file override (also mmlu_dev=, mmlu_test=); repeatable")
     ap.add_argument("--seq-len", type=int, default=None,
                     help="perplexity window (default 2048, capped at the model's maximum)")
-    ap.add_argument("--harness", default="fixed", choices=["fixed", "legacy"], help="zero-shot tokenisation (SPEC §9)")
+    ap.add_argument("--harness", default="fixed", choices=["fixed", "legacy"],
+                    help="zero-shot tokenisation (METHOD.md §9)")
     ap.add_argument("--limit", type=int, default=None,
                     help="first N items per task (MMLU: first N test questions in file order; perplexity: N windows)")
     ap.add_argument("--batch-size", type=int, default=8, help="items (perplexity: windows) per forward batch")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="default bfloat16 on GPU, float32 on CPU")
+    ap.add_argument("--device", default="auto", help="torch device (auto: cuda when available, else cpu)")
+    ap.add_argument("--dtype", default="auto", choices=list(llama.DTYPES),
+                    help="weights and compute (auto: bf16 on GPU, fp32 on CPU)")
     ap.add_argument("--json", default=None, metavar="OUT", help="write {task: {metric: value}, meta: {...}}")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def check_args(args) -> tuple[list[str], dict[str, str]]:
+    """(tasks, path overrides), every flag and file checked before the model is loaded."""
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in ALL_TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"unknown task(s) {unknown or args.tasks!r}; valid: {', '.join(ALL_TASKS)}")
+    paths = {}
+    for spec in args.path:
+        key, sep, value = spec.partition("=")
+        if not sep or not value:
+            raise ValueError(f"--path '{spec}' is not TASK=FILE")
+        paths[key] = value
+    for name in ("limit", "seq_len", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not Path(args.ckpt).exists():
+        raise FileNotFoundError(f"--ckpt {args.ckpt} does not exist")
+    files = {**(default_paths(args.data_dir) if args.data_dir is not None else {}), **paths}
+    for task in tasks:
+        for key in ("mmlu_dev", "mmlu_test") if task == "mmlu" else (task,):
+            if key not in files:
+                raise ValueError(f"no file for '{key}': give --data-dir or --path {key}=FILE")
+            data.check_file(files[key], f"{key} file")
+    return tasks, paths
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        paths = {}
-        for spec in args.path:
-            key, sep, value = spec.partition("=")
-            if not sep or not value:
-                raise ValueError(f"--path '{spec}' is not TASK=FILE")
-            paths[key] = value
-        if args.limit is not None and args.limit < 1:
-            raise ValueError(f"--limit must be positive, got {args.limit}")
-        dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-        model, masks, tok, kind = load_for_eval(args.ckpt, args.tokenizer, args.device, dtype)
+        tasks, paths = check_args(args)
+        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+            "cpu" if args.device == "auto" else args.device
+        dtype = llama.parse_dtype(args.dtype, torch.device(device).type)
+        model, masks, tok, kind = load_for_eval(args.ckpt, args.tokenizer, device, dtype)
         max_len = model.config.max_seq_len
         seq_len = min(args.seq_len or 2048, max_len)
         if args.seq_len and args.seq_len > max_len:
@@ -576,7 +626,7 @@ def main(argv=None) -> int:
     print(f"checkpoint {args.ckpt} ({kind}), harness {args.harness}, ppl seq_len {seq_len}, dtype {dtype_name}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        llama.atomic_write(args.json, lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
     return 0
 
 

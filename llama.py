@@ -4,7 +4,7 @@ Shape glossary (used in comments throughout the project):
     B batch, T sequence length, V vocabulary, L layers,
     D model width (hidden), H query heads, Hkv key/value heads, Dh head width, I FFN width.
 
-Where the NutePrune gates act (SPEC §1, one place each):
+Where the NutePrune gates act (METHOD.md §1, one place each):
     head          [L, H]  multiplies each query head's attention output, before o_proj;
     intermediate  [L, I]  multiplies act(gate_proj(x)) * up_proj(x), before down_proj;
     hidden        [D]     multiplies the token embeddings and every sublayer output (after o_proj, after down_proj).
@@ -19,6 +19,7 @@ import mmap
 import os
 import shutil
 import struct
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +117,7 @@ class LlamaConfig:
 
 @dataclass
 class Masks:
-    """NutePrune gate values z (SPEC §1). Any group may be None (= all ones)."""
+    """NutePrune gate values z (METHOD.md §1). Any group may be None (= all ones)."""
     head: torch.Tensor | None = None  # [L, H] on query heads
     intermediate: torch.Tensor | None = None  # [L, I]
     hidden: torch.Tensor | None = None  # [D]
@@ -165,7 +166,7 @@ def _gate(x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
 
 class RMSNorm(nn.Module):
     # Divides the sum of squares by the full width, zeros of pruned hidden dims included (the reference code's
-    # choice, SPEC §1); export_pruned rescales weight and eps so a standard norm over the kept width matches.
+    # choice, METHOD.md §1); export_pruned rescales weight and eps so a standard norm over the kept width matches.
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -368,7 +369,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 # -----------------------------------------------------------------------------
-# parameter counts (SPEC §3)
+# parameter counts (METHOD.md §3)
 
 
 def prunable_params(cfg: LlamaConfig) -> int:
@@ -628,6 +629,16 @@ def load_model(path, device="cpu", dtype=torch.float32) -> Llama:
     return model.eval()
 
 
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # every command's --dtype
+
+
+def parse_dtype(name: str, device_type: str) -> torch.dtype:
+    """A --dtype value: auto is bf16 on a GPU and fp32 elsewhere."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name] or (torch.bfloat16 if device_type == "cuda" else torch.float32)
+
+
 def load(path, tokenizer=None, device="cpu", dtype=torch.float32) -> tuple[Llama, Tokenizer]:
     model = load_model(path, device, dtype)
     tok = find_tokenizer(path, tokenizer)
@@ -637,13 +648,25 @@ def load(path, tokenizer=None, device="cpu", dtype=torch.float32) -> tuple[Llama
     return model, tok
 
 # -----------------------------------------------------------------------------
-# saving and physical pruning (SPEC §8)
+# saving and physical pruning (METHOD.md §8)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def atomic_write(path, write) -> None:
+    """write(tmp) into a unique temporary file beside path, then rename it over path: a reader (or a kill) sees the
+    old file or the whole new one, never half of one. The file gets the umask's permissions, like open() gives."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # created 0600
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
 
 
 def save_model(model: Llama, out_dir, tokenizer_path=None) -> None:
@@ -658,10 +681,38 @@ def save_model(model: Llama, out_dir, tokenizer_path=None) -> None:
         state.pop("lm_head.weight")
     hf = model.config.to_hf()
     hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    _atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(hf, indent=2)))
+    atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(hf, indent=2)))
     if tokenizer_path:
-        _atomic_write(out / "tokenizer.model", lambda p: shutil.copyfile(tokenizer_path, p))
+        atomic_write(out / "tokenizer.model", lambda p: shutil.copyfile(tokenizer_path, p))
+
+
+def _weight(mod) -> torch.Tensor:  # effective fp32 weight: LoRA merged
+    return (mod.merged_weight() if isinstance(mod, LoRALinear) else mod.weight).detach().float().cpu()
+
+
+def _prune_layer(layer, kv_map: list[int], z_head, z_int, keep_d, zd, norm_scale: float, dh: int):
+    """One decoder layer's tensors with pruned heads, K/V heads, FFN channels and hidden dims removed and the kept
+    gate values folded in; and its kept K/V heads (in order)."""
+    a, m = layer.self_attn, layer.mlp
+    kh = z_head.nonzero().squeeze(1).tolist()  # kept query heads
+    kkv = sorted({kv_map[h] for h in kh})  # a K/V head survives if any head of its group does
+    rows = lambda hs: torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in hs]) if hs else torch.zeros(0, dtype=torch.long)  # noqa: E731
+    q_rows, kv_rows = rows(kh), rows(kkv)
+    head_scale = z_head.repeat_interleave(dh)[q_rows]  # soft head gates fold into o_proj's columns
+    ki = z_int.nonzero().squeeze(1)
+    norm = lambda mod: mod.weight.detach().float().cpu()[keep_d] * norm_scale  # noqa: E731
+    return {
+        "self_attn.q_proj.weight": _weight(a.q_proj)[q_rows][:, keep_d],
+        "self_attn.k_proj.weight": _weight(a.k_proj)[kv_rows][:, keep_d],
+        "self_attn.v_proj.weight": _weight(a.v_proj)[kv_rows][:, keep_d],
+        "self_attn.o_proj.weight": (_weight(a.o_proj)[keep_d][:, q_rows] * head_scale) * zd[:, None],
+        "mlp.gate_proj.weight": _weight(m.gate_proj)[ki][:, keep_d],
+        "mlp.up_proj.weight": _weight(m.up_proj)[ki][:, keep_d],
+        "mlp.down_proj.weight": (_weight(m.down_proj)[keep_d][:, ki] * z_int[ki]) * zd[:, None],
+        "input_layernorm.weight": norm(layer.input_layernorm),
+        "post_attention_layernorm.weight": norm(layer.post_attention_layernorm),
+    }, kkv
 
 
 @torch.no_grad()
@@ -684,9 +735,6 @@ def prune_model(model: Llama, masks: Masks) -> Llama:
         raise ValueError("the hidden mask prunes every dimension")
     zd = z_hid[keep_d]
 
-    def w(mod):  # effective fp32 weight: LoRA merged
-        return (mod.merged_weight() if isinstance(mod, LoRALinear) else mod.weight).detach().float().cpu()
-
     # A standard RMSNorm over D' kept dims reproduces the masked one (mean over D): weight * sqrt(D/D'), eps * D/D'.
     norm_scale = math.sqrt(D / Dp)
     emb = model.model.embed_tokens.weight.detach().float().cpu()
@@ -695,32 +743,16 @@ def prune_model(model: Llama, masks: Masks) -> Llama:
     # A tied lm_head reads the unscaled embeddings: it stays tied only when the kept hidden gates are exactly 1.
     tie = cfg.tie_embeddings and bool((zd == 1).all())
     if not tie:
-        state["lm_head.weight"] = w(model.lm_head)[:, keep_d]
+        state["lm_head.weight"] = _weight(model.lm_head)[:, keep_d]
     heads, kv_heads, ffn, kv_map = [], [], [], []
     for i, layer in enumerate(model.model.layers):
-        a, m, p = layer.self_attn, layer.mlp, f"model.layers.{i}."
-        kh = z_head[i].nonzero().squeeze(1).tolist()  # kept query heads
-        kkv = sorted({cfg.kv_map[i][h] for h in kh})  # a K/V head survives if any head of its group does
-        rows = lambda hs: torch.cat([torch.arange(h * dh, (h + 1) * dh) for h in hs]) if hs else torch.zeros(0, dtype=torch.long)
-        q_rows, kv_rows = rows(kh), rows(kkv)
-        head_scale = z_head[i].repeat_interleave(dh)[q_rows]  # soft head gates fold into o_proj's columns
-        ki = z_int[i].nonzero().squeeze(1)
-        state.update({
-            p + "self_attn.q_proj.weight": w(a.q_proj)[q_rows][:, keep_d],
-            p + "self_attn.k_proj.weight": w(a.k_proj)[kv_rows][:, keep_d],
-            p + "self_attn.v_proj.weight": w(a.v_proj)[kv_rows][:, keep_d],
-            p + "self_attn.o_proj.weight": (w(a.o_proj)[keep_d][:, q_rows] * head_scale) * zd[:, None],
-            p + "mlp.gate_proj.weight": w(m.gate_proj)[ki][:, keep_d],
-            p + "mlp.up_proj.weight": w(m.up_proj)[ki][:, keep_d],
-            p + "mlp.down_proj.weight": (w(m.down_proj)[keep_d][:, ki] * z_int[i][ki]) * zd[:, None],
-            p + "input_layernorm.weight": layer.input_layernorm.weight.detach().float().cpu()[keep_d] * norm_scale,
-            p + "post_attention_layernorm.weight":
-                layer.post_attention_layernorm.weight.detach().float().cpu()[keep_d] * norm_scale,
-        })
+        layer_state, kept_kv = _prune_layer(layer, cfg.kv_map[i], z_head[i], z_int[i], keep_d, zd, norm_scale, dh)
+        state.update({f"model.layers.{i}.{k}": v for k, v in layer_state.items()})
+        kh = z_head[i].nonzero().squeeze(1).tolist()
         heads.append(len(kh))
-        kv_heads.append(len(kkv))
-        ffn.append(ki.numel())
-        kv_map.append([kkv.index(cfg.kv_map[i][h]) for h in kh])
+        kv_heads.append(len(kept_kv))
+        ffn.append(int((z_int[i] != 0).sum()))
+        kv_map.append([kept_kv.index(cfg.kv_map[i][h]) for h in kh])
     new = LlamaConfig(dim=Dp, n_layers=L, n_heads=H, n_kv_heads=cfg.n_kv_heads, head_dim=dh, ffn_dim=cfg.ffn_dim,
                       vocab_size=cfg.vocab_size, norm_eps=cfg.norm_eps * D / Dp, rope_theta=cfg.rope_theta,
                       max_seq_len=cfg.max_seq_len, tie_embeddings=tie, rope_scaling=cfg.rope_scaling,
@@ -742,6 +774,12 @@ def export_pruned(model: Llama, masks: Masks, out_dir, tokenizer_path=None) -> L
 # generation with a KV cache
 
 
+def new_kv_cache(model: Llama, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    cfg, w = model.config, model.lm_head.weight
+    return [(w.new_zeros(batch, kv, length, cfg.head_dim), w.new_zeros(batch, kv, length, cfg.head_dim))
+            for kv in cfg.kv_heads]  # per layer (k, v), each (B, Hkv, T, Dh)
+
+
 @torch.no_grad()
 def generate(model: Llama, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              masks: Masks | None = None, eos_id: int | None = None, generator: torch.Generator | None = None):
@@ -751,8 +789,7 @@ def generate(model: Llama, idx: torch.Tensor, max_new_tokens: int, temperature: 
     total = T0 + max_new_tokens
     if total > cfg.max_seq_len:
         raise ValueError(f"{total} tokens exceed the model's maximum length {cfg.max_seq_len}")
-    w = model.lm_head.weight
-    cache = [(w.new_zeros(B, kv, total, cfg.head_dim), w.new_zeros(B, kv, total, cfg.head_dim)) for kv in cfg.kv_heads]
+    cache = new_kv_cache(model, B, total)
     logits = model(idx, masks, cache=cache, start_pos=0)[:, -1]
     out = [idx]
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)

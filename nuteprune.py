@@ -1,26 +1,30 @@
 """NutePrune: structured pruning of LLaMA by progressive distillation from numerous teachers (Li, Han, Bai 2024,
-arXiv 2402.09773). Equation numbers are the paper's; section numbers (§) are SPEC.md's.
+arXiv 2402.09773). Equation numbers are the paper's; section numbers (§) are those of docs/METHOD.md.
 
     python nuteprune.py --ckpt PATH --target 0.5 --data c4.jsonl --out OUT     # prune (+ --ft-data alpaca.json)
     python nuteprune.py --resume OUT                                            # continue a killed run
 
 One frozen base model lives in memory. The student is (sampled masks z, trainable LoRA); a teacher is (deterministic
-masks, LoRA) of an earlier snapshot of the student, swapped into the same weights under no_grad (§6).
+masks, LoRA) of an earlier snapshot of the student, swapped into the same weights under no_grad (METHOD.md §6).
 OUT holds state.pt (the atomic checkpoint), log.jsonl, report.json and pruned/ (the physically smaller model).
+
+Reading order: gates and expected sparsity (Eq. 3-5), losses (Eq. 7-9), teachers (Eq. 10-11), the run's
+configuration and state, one pruning step, the two training loops, export and report, and `run()`, which wires them
+in the order of the paper's algorithm.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,11 +32,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import evaluate
 import llama
 from llama import Masks
 
 # -----------------------------------------------------------------------------
-# hard-concrete gates (§2, Eq. 4)
+# hard-concrete gates (METHOD.md §2, Eq. 4)
 
 BETA, L, R = 2 / 3, -0.1, 1.1  # temperature and stretch interval of the hard-concrete (Louizos et al. 2018)
 EPS = 1e-6  # u ~ U(EPS, 1 - EPS)
@@ -68,7 +73,7 @@ class HardConcrete(nn.Module):
 
 
 class Gates(nn.Module):
-    """The three mask groups (§1) and the two Lagrange multipliers of Eq. 5."""
+    """The three mask groups (METHOD.md §1) and the two Lagrange multipliers of Eq. 5."""
 
     def __init__(self, cfg: llama.LlamaConfig):
         super().__init__()
@@ -98,7 +103,7 @@ def mask_tensors(m: Masks) -> tuple:
     return m.head, m.intermediate, m.hidden
 
 # -----------------------------------------------------------------------------
-# expected sparsity (§3, Eq. 3), Lagrangian and target schedule (§4, Eq. 5)
+# expected sparsity (METHOD.md §3, Eq. 3), Lagrangian and target schedule (§4, Eq. 5)
 
 
 def expected_sparsity(p: Masks, cfg: llama.LlamaConfig) -> torch.Tensor:
@@ -119,19 +124,19 @@ def lagrangian(expected: torch.Tensor, target: float, lambda_1, lambda_2) -> tor
 
 
 def target_at(step: int, target: float, warmup_steps: int) -> float:
-    return target * min(1.0, step / warmup_steps) if warmup_steps > 0 else target  # linear warm-up (§4)
+    return target * min(1.0, step / warmup_steps) if warmup_steps > 0 else target  # linear warm-up (METHOD.md §4)
 
 
 @torch.no_grad()
 def final_masks(gates: Gates, cfg: llama.LlamaConfig, target: float, tol: float = 0.005) -> Masks:
-    """Deterministic masks whose exported sparsity lies within tol of the target (§2).
+    """Deterministic masks whose exported sparsity lies within tol of the target (METHOD.md §2).
 
-    The reference rule (round(sum P) per row) can land away from the target (CoFi #55). When it does, its head and
-    hidden masks are kept and the number n of FFN channels kept (over all layers) is re-chosen: with head and hidden
-    fixed the sparsity is linear in n, each channel costing 3 D' weights (Eq. 3), so n is solved for directly; the
-    channels are dropped from the reference's kept ones by increasing log_alpha, or added from its pruned ones by
-    decreasing log_alpha. Only if every FFN channel is then pruned (kept) and the target is still out of reach is one
-    head (else one hidden unit) moved, by log_alpha, and n solved again.
+    The reference rule (round(sum P) per row) can land away from the target. When it does, its head and hidden masks
+    are kept and the number n of FFN channels kept (over all layers) is re-chosen: with head and hidden fixed the
+    sparsity is linear in n, each channel costing 3 D' weights (Eq. 3), so n is solved for directly; the channels
+    are dropped from the reference's kept ones by increasing log_alpha, or added from its pruned ones by decreasing
+    log_alpha. Only if every FFN channel is then pruned (kept) and the target is still out of reach is one head
+    (else one hidden unit) moved, by log_alpha, and n solved again.
     """
     m = gates.deterministic()
     for _ in range(cfg.n_layers * cfg.n_heads + cfg.dim):
@@ -167,9 +172,8 @@ def _move_one_unit(gates: Gates, m: Masks, prune: bool) -> Masks:
             return replace(m, **{name: mask})
     return m
 
-
 # -----------------------------------------------------------------------------
-# losses (§5, Eq. 7-9)
+# losses (METHOD.md §5, Eq. 7-9)
 
 
 def kd_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
@@ -194,8 +198,34 @@ def lm_loss(logits, labels) -> torch.Tensor:
     # next-token cross-entropy; labels (B, T), -100 ignored
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=data.IGNORE)
 
+
+def student_loss(model: llama.Llama, idx: torch.Tensor, z: Masks, teacher: Snapshot | None, c: RunConfig,
+                 mark: Callable[[str], None] = lambda phase: None) -> dict[str, torch.Tensor]:
+    """The terms of Eq. 9 for one micro-batch, each already weighted:
+
+        L = kd_weight * L_kd (Eq. 7) + layer_weight * L_layer (Eq. 8) + L0 (Eq. 5, added once per step by prune_step)
+
+    or, for the no-distillation ablation, the next-token cross-entropy alone.
+    """
+    if c.distill == "none":
+        loss = {"lm": lm_loss(model(idx, z), idx)}
+        mark("student")
+        return loss
+    # the teacher first: its in-place LoRA swap must not touch a live student graph (METHOD.md §6)
+    layers = c.layer_weight > 0  # without the layer loss, keep no hidden states (memory)
+    with torch.no_grad(), teacher_lora(model, None if teacher is None else teacher.lora):
+        t_out = model(idx, None if teacher is None else teacher.masks.to(idx.device), output_hidden=layers)
+    mark("teacher")
+    out = model(idx, z, output_hidden=layers)
+    mark("student")
+    (logits, hidden), (t_logits, t_hidden) = (out, t_out) if layers else ((out, []), (t_out, []))
+    loss = {"kd": c.kd_weight * kd_loss(logits, t_logits, c.kd_temp)}
+    if layers:
+        loss["layer"] = c.layer_weight * layer_loss(hidden, t_hidden)
+    return loss
+
 # -----------------------------------------------------------------------------
-# teachers (§6)
+# teachers (METHOD.md §6, Eq. 10-11)
 
 
 @dataclass
@@ -243,38 +273,139 @@ def teacher_lora(model: llama.Llama, lora: dict[str, torch.Tensor] | None):
 def cpu_lora(model: llama.Llama) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in llama.lora_state(model).items()}
 
-# -----------------------------------------------------------------------------
-# schedules and data order
 
-
-def linear_decay(step: int, lr: float, total_steps: int) -> float:
-    return lr * max(0.0, 1 - step / total_steps)
-
-
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Examples of optimizer step `step`: each epoch is a permutation seeded by (seed, epoch), the tail dropped, so the
-    data order is a pure function of the step (a resumed run sees what an uninterrupted one saw)."""
-    epoch, i = divmod(step, n // batch_size)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return perm[i * batch_size:(i + 1) * batch_size]
-
-
-@torch.no_grad()
-def heldout_ppl(model: llama.Llama, blocks: torch.Tensor, masks: Masks | None = None, batch_size: int = 8,
-                autocast=nullcontext) -> float:
-    """exp(mean next-token cross-entropy) over held-out blocks (N, T)."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        idx = blocks[i:i + batch_size].to(device)
-        with autocast():
-            logits = model(idx, masks)
-        total += float(lm_loss(logits, idx)) * idx[:, 1:].numel()
-        count += idx[:, 1:].numel()
-    return math.exp(total / max(count, 1))
+def take_snapshots(snapshots: list[Snapshot], gates: Gates, model: llama.Llama, cfg: llama.LlamaConfig,
+                   now: float, interval: float, n_levels: int):
+    """Append the student's (deterministic masks, LoRA) for every level k * interval that `now` has crossed."""
+    if len(snapshots) < n_levels and now >= (len(snapshots) + 1) * interval:
+        masks = gates.deterministic()
+        snap = Snapshot(0, float(expected_sparsity(masks, cfg)), masks.to("cpu"), cpu_lora(model))
+        while len(snapshots) < n_levels and now >= (len(snapshots) + 1) * interval:  # maybe several
+            snapshots.append(replace(snap, level=len(snapshots) + 1))
 
 # -----------------------------------------------------------------------------
-# checkpoints (everything training changes, enough to resume exactly) and loading a finished run
+# the run's configuration: every flag of the command (defaults: the paper's recipe, METHOD.md §7)
+
+
+@dataclass
+class RunConfig:
+    ckpt: str
+    target: float
+    data: str | None = None  # required, but for --ckpt demo (which brings its own text)
+    tokenizer: str | None = None
+    out: str = "out"
+    max_steps: int | None = None
+    seed: int = 0
+    device: str = "auto"  # auto: cuda when available
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    grad_ckpt: bool | None = None  # None: on for GPU
+    log_every: int = 10
+    save_every: int = 500
+    tolerance: float = 0.005
+    cache_dir: str | None = None
+    n_docs: int = 20000
+    block_size: int = 512
+    heldout: str | None = None
+    heldout_blocks: int = 16
+    epochs: int = 7
+    batch_size: int = 16
+    micro_batch_size: int = 4
+    warmup_epochs: float | None = None  # None: 4 for targets <= 0.25, else 1 (METHOD.md §4)
+    lr_lora: float = 1e-3
+    lr_mask: float = 0.1
+    lr_lambda: float = 0.1
+    clip: float = 1.0
+    no_lora: bool = False
+    lora_targets: str = "q_proj,v_proj"
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    distill: str = "pkd"
+    kd_temp: float = 2 / 3
+    kd_weight: float = 0.1
+    layer_weight: float = 0.9
+    gap: float = 0.10
+    interval: float = 0.01
+    ft_data: str | None = None
+    ft_epochs: int = 2
+    ft_max_steps: int | None = None
+    ft_lr: float = 1e-4
+    ft_batch_size: int = 16
+    ft_max_len: int = 512
+    ft_lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+    def __post_init__(self):  # every check that needs no file: before any work (loading, building the demo)
+        if not 0 < self.target < 1:
+            raise ValueError(f"--target must lie in (0, 1), got {self.target}")
+        if not 0 < self.interval < self.target or self.gap < self.interval:
+            raise ValueError(f"need 0 < --interval < --target and --gap >= --interval, got {self.interval}, {self.gap}")
+        for name in ("epochs", "batch_size", "micro_batch_size", "log_every", "save_every", "ft_batch_size",
+                     "block_size", "n_docs", "ft_epochs", "ft_max_len", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "ft_max_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.heldout_blocks < 0:
+            raise ValueError(f"--heldout-blocks must be at least 0, got {self.heldout_blocks}")
+        if self.distill not in ("pkd", "kd", "none"):
+            raise ValueError(f"--distill must be pkd, kd or none, got {self.distill!r}")
+        llama.parse_dtype(self.dtype, "cpu")  # names the valid values
+        if self.warmup_epochs is None:
+            self.warmup_epochs = 4.0 if self.target <= 0.25 else 1.0  # METHOD.md §4
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class Schedule:
+    """Step counts derived from the config and the data: every schedule scales with --max-steps."""
+    total_steps: int
+    warmup_steps: int
+    ft_total: int
+    gap: int  # in snapshot levels
+    n_levels: int  # snapshot levels below the target
+
+    @classmethod
+    def of(cls, c: RunConfig, n_blocks: int, n_examples: int) -> "Schedule":
+        total = c.epochs * (n_blocks // c.batch_size)
+        total = min(total, c.max_steps) if c.max_steps else total
+        ft_total = c.ft_epochs * (n_examples // c.ft_batch_size)
+        ft_total = min(ft_total, c.ft_max_steps) if c.ft_max_steps else ft_total
+        return cls(total, round(c.warmup_epochs / c.epochs * total), ft_total, round(c.gap / c.interval),
+                   math.ceil(c.target / c.interval - 1e-9) - 1)
+
+# -----------------------------------------------------------------------------
+# what a run computes with, and the state that a checkpoint saves
+
+
+@dataclass
+class Trainer:
+    """What one optimizer step touches: the model (frozen base + LoRA), the gates, the optimizer and the scaler."""
+    model: llama.Llama
+    gates: Gates
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    c: RunConfig
+    autocast: Callable = nullcontext
+
+    @property
+    def lora_params(self) -> list:
+        return list(llama.lora_state(self.model).values())
+
+
+def prune_optimizer(gates: Gates, lora_params: list) -> torch.optim.AdamW:
+    # AdamW without weight decay (METHOD.md §7); the lambdas ascend (Eq. 5). Learning rates are set by name every step.
+    groups = [{"name": "log_alpha", "params": [g.log_alpha for g in (gates.head, gates.intermediate, gates.hidden)]},
+              {"name": "lambda", "params": [gates.lambda_1, gates.lambda_2], "maximize": True}]
+    return torch.optim.AdamW(groups + ([{"name": "lora", "params": lora_params}] if lora_params else []),
+                             weight_decay=0.0)
+
+
+def finetune_optimizer(lora_params: list) -> torch.optim.AdamW:
+    return torch.optim.AdamW([{"name": "lora", "params": lora_params}], weight_decay=0.0)
 
 
 def masks_dict(m: Masks | None) -> dict | None:
@@ -296,36 +427,74 @@ def set_rng_state(s: dict):
     np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
-def save_state(out: Path, state: dict):
-    tmp = out / "state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, out / "state.pt")  # atomic: a kill leaves the previous checkpoint or the new one, never half
+@dataclass
+class RunState:
+    """Where a run is: everything that is not the frozen model and that training changes, but the tensors of the
+    Trainer (LoRA, gates, optimizer), which save() gathers. A killed run resumes from state.pt exactly."""
+    phase: str = "prune"  # prune -> finetune -> done
+    step: int = 0
+    ft_step: int = 0
+    stage2_start: int | None = None  # the step the student first reached the target
+    snapshots: list[Snapshot] = field(default_factory=list)
+    final: Masks | None = None  # the final deterministic masks, once pruning has ended
+    prune_lora: dict | None = None  # the pruning LoRA, once pruning has ended
+    ppl_before: float | None = None
+    wall: float = 0.0  # seconds spent by earlier processes of this run
+    t_start: float = field(default_factory=time.time)  # this process
+
+    def elapsed(self) -> float:
+        return self.wall + time.time() - self.t_start
+
+    def save(self, out: Path, t: Trainer):
+        current = cpu_lora(t.model)
+        state = {
+            "config": asdict(t.c), "phase": self.phase, "step": self.step, "ft_step": self.ft_step,
+            "stage2_start": self.stage2_start, "gates": t.gates.state_dict(),
+            "optimizer": t.optimizer.state_dict() if self.phase != "done" else None,
+            "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else None,
+            "lora": current if self.phase == "prune" else self.prune_lora,
+            "ft_lora": current if self.phase != "prune" and t.c.ft_data else None,
+            "snapshots": [{"level": s.level, "sparsity": s.sparsity, "masks": masks_dict(s.masks), "lora": s.lora}
+                          for s in self.snapshots],
+            "final_masks": masks_dict(self.final), "rng": rng_state(), "ppl_before": self.ppl_before,
+            "wall": self.elapsed()}
+        # atomic: a kill leaves the previous checkpoint or the new one, never half
+        llama.atomic_write(out / "state.pt", lambda p: torch.save(state, p))
+
+    @classmethod
+    def from_saved(cls, s: dict) -> "RunState":
+        snapshots = [Snapshot(x["level"], x["sparsity"], Masks(**x["masks"]), x["lora"]) for x in s["snapshots"]]
+        final = None if s["final_masks"] is None else Masks(**s["final_masks"])
+        return cls(s["phase"], s["step"], s["ft_step"], s["stage2_start"], snapshots, final, s["lora"],
+                   s["ppl_before"], s["wall"])
 
 
 def load_state(out) -> dict:
     path = Path(out) / "state.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: not a nuteprune output directory")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    s = torch.load(path, map_location="cpu", weights_only=True)
+    s.setdefault("config", s.get("args"))  # checkpoints written before RunConfig stored the flags as "args"
+    return s
 
 
-def attach_lora(model: llama.Llama, a: argparse.Namespace, state: dict | None = None):
-    """The run's adapters on the base model: the pruning LoRA (§7: q, v), and once post fine-tuning has begun that
+def attach_lora(model: llama.Llama, c: RunConfig, state: dict | None = None):
+    """The run's adapters on the base model: the pruning LoRA (METHOD.md §7: q, v), and once post fine-tuning has begun that
     LoRA merged into the weights and the fine-tuning LoRA on top. Values come from the checkpoint when given one."""
-    if not a.no_lora:
-        llama.add_lora(model, a.lora_targets.split(","), a.lora_rank, a.lora_alpha)
+    if not c.no_lora:
+        llama.add_lora(model, c.lora_targets.split(","), c.lora_rank, c.lora_alpha)
     if state is None:
         return
-    if not a.no_lora:
+    if not c.no_lora:
         llama.load_lora_state(model, state["lora"])
     if state["ft_lora"] is not None:
-        start_finetune(model, a)
+        start_finetune(model, c)
         llama.load_lora_state(model, state["ft_lora"])
 
 
-def start_finetune(model: llama.Llama, a: argparse.Namespace):
+def start_finetune(model: llama.Llama, c: RunConfig):
     llama.merge_lora(model)  # the pruning LoRA becomes part of the (still frozen) weights
-    llama.add_lora(model, a.ft_lora_targets.split(","), a.lora_rank, a.lora_alpha)  # §7: every projection
+    llama.add_lora(model, c.ft_lora_targets.split(","), c.lora_rank, c.lora_alpha)  # METHOD.md §7: every projection
 
 
 def load_run(out_dir, device="cpu", dtype=torch.float32) -> tuple[llama.Llama, Masks, llama.Tokenizer]:
@@ -334,42 +503,286 @@ def load_run(out_dir, device="cpu", dtype=torch.float32) -> tuple[llama.Llama, M
     state = load_state(out_dir)
     if state["final_masks"] is None:
         raise ValueError(f"{out_dir}: the run has not finished pruning; continue it with --resume {out_dir}")
-    a = argparse.Namespace(**state["args"])
-    model, tok = llama.load(a.ckpt, a.tokenizer, device, dtype)
-    attach_lora(model, a, state)
+    c = RunConfig.from_dict(state["config"])
+    model, tok = llama.load(c.ckpt, c.tokenizer, device, dtype)
+    attach_lora(model, c, state)
     return model.eval(), Masks(**state["final_masks"]).to(device), tok
 
 # -----------------------------------------------------------------------------
-# console: a progress bar with ETA on stderr, one greppable line per logging step on stdout
+# one optimizer step of pruning, and the pruning loop (Algorithm 1, stage 1 and stage 2)
 
 
-def _hms(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+def prune_step(t: Trainer, batch: torch.Tensor, teacher: Snapshot | None, target: float,
+               mark: Callable[[str], None] = lambda phase: None) -> dict[str, float]:
+    """One optimizer step on a batch (B, T): sample z (Eq. 4), teacher and student forwards, Eq. 9, backward, a
+    descent step on LoRA and log_alpha and an ascent step on the lambdas, clamp. Returns the loss terms and the
+    expected sparsity before the step. `mark(phase)` is called as each phase ends (benchmarks time them)."""
+    c, device = t.c, t.gates.lambda_1.device
+    # one mask sample per step, shared by the batch; each micro-batch's gradient w.r.t. z gathers on leaf copies
+    z = t.gates.sample()
+    z_leaf = Masks(*(m.detach().requires_grad_() for m in mask_tensors(z)))
+    terms = {"kd": 0.0, "layer": 0.0, "lm": 0.0}
+    for idx in batch.split(c.micro_batch_size):
+        idx, frac = idx.to(device), len(idx) / len(batch)
+        with t.autocast():
+            parts = student_loss(t.model, idx, z_leaf, teacher, c, mark)
+        mark("loss")
+        t.scaler.scale(sum(parts.values()) * frac).backward()
+        for k, v in parts.items():
+            terms[k] += float(v.detach()) * frac
+        mark("backward")
+
+    expected = expected_sparsity(t.gates.prob_nonzero(), t.model.config)  # Eq. 3
+    l0 = lagrangian(expected, target, t.gates.lambda_1, t.gates.lambda_2)  # Eq. 5, the last term of Eq. 9
+    terms["l0"] = float(l0.detach())
+    # the chain rule from the leaf masks through the sampler (Eq. 4) to log_alpha, plus the Lagrangian's gradient
+    surrogate = sum((m * m_leaf.grad).sum() for m, m_leaf in zip(mask_tensors(z), mask_tensors(z_leaf)))
+    (surrogate + t.scaler.scale(l0)).backward()
+    t.scaler.unscale_(t.optimizer)
+    lora_params = t.lora_params
+    if lora_params:
+        nn.utils.clip_grad_norm_(lora_params, c.clip)
+    t.scaler.step(t.optimizer)  # descent on LoRA and log_alpha, ascent on lambda_1 and lambda_2
+    t.scaler.update()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.gates.clamp_()
+    mark("optimizer")
+    return {**terms, "expected_sparsity": float(expected.detach())}
 
 
-class Progress:
-    def __init__(self, desc: str, total: int, start: int = 0):
-        self.desc, self.total, self.start, self.t0, self.shown = desc, total, start, time.time(), 0.0
-        self.tty = sys.stderr.isatty()  # a terminal redraws one line; a log file gets a line every 30 s
+def set_learning_rates(optimizer: torch.optim.Optimizer, lrs: dict[str, float]):
+    for group in optimizer.param_groups:
+        group["lr"] = lrs[group["name"]]
 
-    def update(self, n: int):
-        now = time.time()
-        if now - self.shown < (0.5 if self.tty else 30) and n < self.total:
-            return
-        self.shown = now
-        rate = (n - self.start) / max(now - self.t0, 1e-9)
-        eta = (self.total - n) / rate if rate > 0 else float("inf")
-        bar = "#" * (24 * n // max(self.total, 1))
-        line = f"{self.desc} [{bar:<24}] {n}/{self.total} {_hms(now - self.t0)}<{_hms(eta)} {rate:.2f} it/s"
-        sys.stderr.write(f"\r{line}\x1b[K" if self.tty else line + "\n")
-        sys.stderr.flush()
 
-    def close(self):
-        if self.tty:
-            sys.stderr.write("\n")
+def prune(t: Trainer, st: RunState, blocks: torch.Tensor, sched: Schedule, log, save: Callable):
+    """Masks (Eq. 4) and LoRA learn from the teachers (Eq. 7-11) under the sparsity Lagrangian (Eq. 5)."""
+    c, gates, cfg = t.c, t.gates, t.model.config
+    t.model.train()  # LLaMA has no dropout: this only lets gradient checkpointing act
+    bar = evaluate.Progress("prune", sched.total_steps, st.step)
+    while st.step < sched.total_steps:
+        teacher = pick_teacher(st.step, st.snapshots, st.stage2_start, sched.total_steps, sched.gap) \
+            if c.distill == "pkd" else None
+        target = target_at(st.step, c.target, sched.warmup_steps)
+        lrs = {"log_alpha": c.lr_mask, "lambda": c.lr_lambda, "lora": linear_decay(st.step, c.lr_lora, sched.total_steps)}
+        set_learning_rates(t.optimizer, lrs)
+        batch = blocks[batch_indices(st.step, len(blocks), c.batch_size, c.seed)]  # (B, T)
+        terms = prune_step(t, batch, teacher, target)
+        expected = terms.pop("expected_sparsity")
+        st.step += 1
+
+        # snapshots: the student's (deterministic masks, LoRA) at each interval crossed below the target (METHOD.md §6)
+        with torch.no_grad():
+            now = float(expected_sparsity(gates.prob_nonzero(), cfg))
+        if c.distill == "pkd" and st.stage2_start is None:
+            take_snapshots(st.snapshots, gates, t.model, cfg, now, c.interval, sched.n_levels)
+            if now >= c.target:  # stage 2 from the first time the student reaches the target (reference)
+                st.stage2_start = st.step
+        if st.step % c.log_every == 0 or st.step == sched.total_steps:
+            log_line(log, {"phase": "prune", "step": st.step, "loss": sum(terms.values()), **terms,
+                           "expected_sparsity": expected, "target": target,
+                           "lambda_1": gates.lambda_1.item(), "lambda_2": gates.lambda_2.item(),
+                           "teacher_sparsity": 0.0 if teacher is None else teacher.sparsity,
+                           "lr_lora": lrs["lora"] if t.lora_params else 0.0, "lr_mask": lrs["log_alpha"],
+                           "lr_lambda": lrs["lambda"]})
+        if st.step % c.save_every == 0 and st.step < sched.total_steps:
+            save()
+        bar.update(st.step)
+    bar.close()
+
+
+def end_pruning(t: Trainer, st: RunState) -> Trainer:
+    """Final deterministic masks within tolerance of the target (METHOD.md §2); with post fine-tuning, its LoRA and optimizer."""
+    st.final = final_masks(t.gates, t.model.config, t.c.target, t.c.tolerance)
+    st.prune_lora = cpu_lora(t.model)
+    st.phase = "finetune" if t.c.ft_data else "done"
+    if t.c.ft_data:
+        start_finetune(t.model, t.c)
+        t = replace(t, optimizer=finetune_optimizer(t.lora_params))
+    return t
+
+# -----------------------------------------------------------------------------
+# post fine-tuning (METHOD.md §7): masks fixed, LoRA on every projection, cross-entropy on the responses only
+
+
+def finetune(t: Trainer, st: RunState, examples: list, sched: Schedule, pad_id: int, log, save: Callable):
+    c, device = t.c, t.gates.lambda_1.device
+    lora_params = t.lora_params
+    final = st.final.to(device)
+    bar = evaluate.Progress("finetune", sched.ft_total, st.ft_step)
+    while st.ft_step < sched.ft_total:
+        t.optimizer.param_groups[0]["lr"] = lr = linear_decay(st.ft_step, c.ft_lr, sched.ft_total)
+        batch = [examples[i] for i in batch_indices(st.ft_step, len(examples), c.ft_batch_size, c.seed + 1)]
+        loss_value = 0.0
+        for i in range(0, len(batch), c.micro_batch_size):
+            ids, labels = data.pad_batch(batch[i:i + c.micro_batch_size], pad_id)  # (b, T) each
+            frac = len(ids) / len(batch)
+            with t.autocast():
+                loss = lm_loss(t.model(ids.to(device), final), labels.to(device))
+            t.scaler.scale(loss * frac).backward()
+            loss_value += loss.item() * frac
+        t.scaler.unscale_(t.optimizer)
+        nn.utils.clip_grad_norm_(lora_params, c.clip)
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+        t.optimizer.zero_grad(set_to_none=True)
+        st.ft_step += 1
+        if st.ft_step % c.log_every == 0 or st.ft_step == sched.ft_total:
+            log_line(log, {"phase": "finetune", "step": st.ft_step, "loss": loss_value, "lr_lora": lr})
+        if st.ft_step % c.save_every == 0 and st.ft_step < sched.ft_total:
+            save()
+        bar.update(st.ft_step)
+    bar.close()
+
+# -----------------------------------------------------------------------------
+# schedules and data order
+
+
+def linear_decay(step: int, lr: float, total_steps: int) -> float:
+    return lr * max(0.0, 1 - step / total_steps)
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Examples of optimizer step `step`: each epoch is a permutation seeded by (seed, epoch), the tail dropped, so the
+    data order is a pure function of the step (a resumed run sees what an uninterrupted one saw)."""
+    epoch, i = divmod(step, n // batch_size)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[i * batch_size:(i + 1) * batch_size]
+
+# -----------------------------------------------------------------------------
+# export (METHOD.md §8) and report
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def prunable_tensors(model: llama.Llama) -> int:
+    # counted on the tensors themselves (not the config): the sparsity the report states is the one on disk
+    return sum(p.numel() for n, p in model.named_parameters()
+               if n.endswith(".weight") and n.split(".")[-2] in PROJECTIONS)
+
+
+def heldout_ppl(model: llama.Llama, blocks: torch.Tensor, c: RunConfig, autocast=nullcontext) -> float | None:
+    """exp(mean next-token cross-entropy) over the held-out blocks (N, T); None without any."""
+    if not len(blocks):
+        return None
+    return math.exp(evaluate.mean_nll(model, blocks, c.micro_batch_size, autocast=autocast))
+
+
+def export_and_report(t: Trainer, st: RunState, out: Path, tok: llama.Tokenizer, heldout: torch.Tensor) -> dict:
+    model, c = t.model.eval(), t.c
+    cfg_pruned = llama.export_pruned(model, st.final, out / "pruned", tok.path)
+    pruned = llama.load_model(out / "pruned", *device_dtype(c))
+    report = {
+        "target": c.target,
+        "sparsity": 1 - prunable_tensors(pruned) / prunable_tensors(model),
+        "sparsity_total": 1 - llama.count_params(pruned) / llama.count_params(model),
+        "expected_sparsity": expected_sparsity(t.gates.prob_nonzero(), model.config).item(),
+        "params_dense": llama.count_params(model), "params_pruned": llama.count_params(pruned),
+        "prunable_dense": prunable_tensors(model), "prunable_pruned": prunable_tensors(pruned),
+        "hidden": cfg_pruned.dim,  # kept hidden width, and per layer (the paper's Tables 11-12):
+        "layers": [{"heads": h, "kv_heads": kv, "ffn": f}
+                   for h, kv, f in zip(cfg_pruned.heads, cfg_pruned.kv_heads, cfg_pruned.ffn)],
+        "heldout_tokens": heldout.numel(), "ppl_before": st.ppl_before,
+        "ppl_after": heldout_ppl(pruned, heldout, c, t.autocast),
+        "steps": st.step, "ft_steps": st.ft_step, "snapshots": len(st.snapshots), "stage2_start": st.stage2_start,
+        "lambda_1": t.gates.lambda_1.item(), "lambda_2": t.gates.lambda_2.item(),
+        "wall_time_s": st.elapsed(), "args": asdict(c)}
+    llama.atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2)))
+    print_summary(report, out)
+    return report
+
+
+def print_summary(r: dict, out: Path):
+    ppl = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    print(f"\n{'':8}{'params':>10}{'prunable':>10}{'held-out ppl':>14}\n"
+          f"{'dense':8}{r['params_dense'] / 1e6:9.3f}M{r['prunable_dense'] / 1e6:9.3f}M{ppl(r['ppl_before']):>14}\n"
+          f"{'pruned':8}{r['params_pruned'] / 1e6:9.3f}M{r['prunable_pruned'] / 1e6:9.3f}M{ppl(r['ppl_after']):>14}\n"
+          f"sparsity {r['sparsity']:.4f} of prunable weights (target {r['target']}), {r['sparsity_total']:.4f} "
+          f"of all; {evaluate.hms(r['wall_time_s'])}; model in {out / 'pruned'}, report in {out / 'report.json'}")
+
+# -----------------------------------------------------------------------------
+# the run: setup, then Algorithm 1 (pruning with progressive teachers), post fine-tuning, export
+
+
+def device_dtype(c: RunConfig) -> tuple[torch.device, torch.dtype]:
+    device = torch.device("cuda" if c.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if c.device == "auto" else c.device)
+    return device, llama.parse_dtype(c.dtype, device.type)
+
+
+def read_data(c: RunConfig, tok: llama.Tokenizer) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Calibration blocks (N, block_size), held-out blocks, and the Alpaca examples of post fine-tuning."""
+    blocks = data.calibration_blocks(c.data, tok, c.n_docs, c.block_size, c.cache_dir)
+    if c.heldout:  # a separate file: every block of --data trains
+        heldout = data.calibration_blocks(c.heldout, tok, c.n_docs, c.block_size, c.cache_dir)[:c.heldout_blocks]
+    else:  # the last blocks of --data, never trained on
+        heldout, blocks = blocks[len(blocks) - c.heldout_blocks:], blocks[:len(blocks) - c.heldout_blocks]
+    if len(blocks) < c.batch_size:
+        raise ValueError(f"{c.data}: {len(blocks)} training blocks of {c.block_size} tokens after holding out "
+                         f"{c.heldout_blocks}, fewer than --batch-size {c.batch_size}")
+    examples = data.alpaca_examples(c.ft_data, tok, c.ft_max_len) if c.ft_data else []
+    if c.ft_data and len(examples) < c.ft_batch_size:
+        raise ValueError(f"{c.ft_data}: {len(examples)} examples, fewer than --ft-batch-size {c.ft_batch_size}")
+    return blocks, heldout, examples
+
+
+def setup(c: RunConfig, saved: dict | None) -> tuple[Trainer, llama.Tokenizer, RunState]:
+    """One model in memory: the frozen base, the gates, the student's LoRA (a teacher's is swapped in per step, METHOD.md §6)."""
+    device, dtype = device_dtype(c)
+    cuda = device.type == "cuda"
+    torch.manual_seed(c.seed)
+    random.seed(c.seed)
+    np.random.seed(c.seed)
+    model, tok = llama.load(c.ckpt, c.tokenizer, device, dtype)
+    if not model.config.uniform:
+        raise ValueError(f"{c.ckpt} is already pruned (per-layer sizes); start from a dense checkpoint")
+    if c.block_size > model.config.max_seq_len:
+        raise ValueError(f"--block-size {c.block_size} exceeds the model's maximum length {model.config.max_seq_len}")
+    model.gradient_checkpointing = cuda if c.grad_ckpt is None else c.grad_ckpt
+    gates = Gates(model.config).to(device)  # its initialisation draws from the seeded RNG before LoRA's
+    attach_lora(model, c, saved)
+    st = RunState() if saved is None else RunState.from_saved(saved)
+    lora_params = list(llama.lora_state(model).values())
+    optimizer = prune_optimizer(gates, lora_params) if st.phase == "prune" else finetune_optimizer(lora_params)
+    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if cuda and dtype != torch.float32 else nullcontext
+    t = Trainer(model, gates, optimizer, torch.amp.GradScaler("cuda", enabled=cuda and dtype == torch.float16), c,
+                autocast)
+    if saved is not None:
+        gates.load_state_dict(saved["gates"])
+        if saved["optimizer"] is not None:
+            optimizer.load_state_dict(saved["optimizer"])
+        if saved["scaler"] is not None:
+            t.scaler.load_state_dict(saved["scaler"])
+    return t, tok, st
+
+
+def run(c: RunConfig, resume: bool = False) -> dict:
+    out = Path(c.out)
+    saved = load_state(out) if resume else None
+    out.mkdir(parents=True, exist_ok=True)
+    t, tok, st = setup(c, saved)
+    blocks, heldout, examples = read_data(c, tok)
+    sched = Schedule.of(c, len(blocks), len(examples))
+    if saved is not None:
+        set_rng_state(saved["rng"])
+        truncate_log(out / "log.jsonl", st.step, st.ft_step)
+    else:
+        (out / "log.jsonl").unlink(missing_ok=True)
+        st.ppl_before = heldout_ppl(t.model, heldout, c, t.autocast)
+    with open(out / "log.jsonl", "a") as log:
+        if st.phase == "prune":
+            prune(t, st, blocks, sched, log, lambda: st.save(out, t))
+            t = end_pruning(t, st)
+            st.save(out, t)
+        if st.phase == "finetune":
+            finetune(t, st, examples, sched, max(tok.eos_id, 0), log, lambda: st.save(out, t))
+            st.phase = "done"
+            st.save(out, t)
+    return export_and_report(t, st, out, tok, heldout)
+
+# -----------------------------------------------------------------------------
+# console: one greppable line per logging step on stdout (the progress bar is evaluate.Progress, on stderr)
 
 
 def log_line(log, rec: dict):
@@ -404,58 +817,59 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="NutePrune: prune a LLaMA checkpoint to a target sparsity by "
                                 "progressive distillation (defaults: the paper's recipe).",
                                 formatter_class=_DefaultsHelp)
+    d = {f.name: f.default for f in fields(RunConfig)}  # one source of defaults: RunConfig
     g = p.add_argument_group("run")
     g.add_argument("--ckpt", help="base model: HF directory, Meta directory, llama2.c .bin, or demo (built by demo.py)")
     g.add_argument("--target", type=float, help="fraction of prunable weights (q,k,v,o,gate,up,down) to remove")
     g.add_argument("--tokenizer", help="SentencePiece model (default: beside --ckpt)")
     g.add_argument("--data", help="calibration text: C4 .json(l)(.gz) with a 'text' field, or plain text")
-    g.add_argument("--out", default="out", help="output directory: state.pt, log.jsonl, report.json, pruned/")
+    g.add_argument("--out", default=d["out"], help="output directory: state.pt, log.jsonl, report.json, pruned/")
     g.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its checkpoint (other flags ignored)")
     g.add_argument("--max-steps", type=int, help="cap the pruning steps; every schedule scales to the cap")
-    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, mask samples and data order")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    g.add_argument("--seed", type=int, default=d["seed"], help="seed of initialisation, mask samples and data order")
+    g.add_argument("--device", default=d["device"], help="torch device (auto: cuda when available, else cpu)")
+    g.add_argument("--dtype", choices=list(llama.DTYPES), default=d["dtype"],
                    help="frozen base weights and autocast (auto: bf16 on GPU, fp32 on CPU); gates and LoRA stay fp32")
     g.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
                    help="per-layer gradient checkpointing (default: on for GPU)")
-    g.add_argument("--log-every", type=int, default=10, help="steps between log lines")
-    g.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
-    g.add_argument("--tolerance", type=float, default=0.005, help="largest |final sparsity - target| accepted")
+    g.add_argument("--log-every", type=int, default=d["log_every"], help="steps between log lines")
+    g.add_argument("--save-every", type=int, default=d["save_every"], help="steps between checkpoints")
+    g.add_argument("--tolerance", type=float, default=d["tolerance"], help="largest |final sparsity - target| accepted")
     g.add_argument("--cache-dir", help="token cache (default: $NUTEPRUNE_CACHE or ~/.cache/nuteprune)")
-    g = p.add_argument_group("data and schedule (§7)")
-    g.add_argument("--n-docs", type=int, default=20000, help="documents read from --data")
-    g.add_argument("--block-size", type=int, default=512, help="tokens per training block")
+    g = p.add_argument_group("data and schedule (METHOD.md §7)")
+    g.add_argument("--n-docs", type=int, default=d["n_docs"], help="documents read from --data")
+    g.add_argument("--block-size", type=int, default=d["block_size"], help="tokens per training block")
     g.add_argument("--heldout", help="held-out text for perplexity before/after (default: the last blocks of --data)")
-    g.add_argument("--heldout-blocks", type=int, default=16, help="blocks of held-out text for perplexity")
-    g.add_argument("--epochs", type=int, default=7, help="pruning epochs")
-    g.add_argument("--batch-size", type=int, default=16, help="blocks per optimizer step")
-    g.add_argument("--micro-batch-size", type=int, default=4, help="blocks (Alpaca examples) per forward; gradients accumulate")
+    g.add_argument("--heldout-blocks", type=int, default=d["heldout_blocks"], help="blocks of held-out text for perplexity")
+    g.add_argument("--epochs", type=int, default=d["epochs"], help="pruning epochs")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="blocks per optimizer step")
+    g.add_argument("--micro-batch-size", type=int, default=d["micro_batch_size"],
+                   help="blocks (Alpaca examples) per forward; gradients accumulate")
     g.add_argument("--warmup-epochs", type=float, help="target warm-up (default: 4 for targets <= 0.25, else 1)")
-    g.add_argument("--lr-lora", type=float, default=1e-3, help="LoRA learning rate, decays linearly to 0")
-    g.add_argument("--lr-mask", type=float, default=0.1, help="log_alpha learning rate (constant)")
-    g.add_argument("--lr-lambda", type=float, default=0.1, help="lambda_1, lambda_2 learning rate (ascent)")
-    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping of the LoRA parameters")
-    g = p.add_argument_group("LoRA and distillation (§5-§7)")
+    g.add_argument("--lr-lora", type=float, default=d["lr_lora"], help="LoRA learning rate, decays linearly to 0")
+    g.add_argument("--lr-mask", type=float, default=d["lr_mask"], help="log_alpha learning rate (constant)")
+    g.add_argument("--lr-lambda", type=float, default=d["lr_lambda"], help="lambda_1, lambda_2 learning rate (ascent)")
+    g.add_argument("--clip", type=float, default=d["clip"], help="gradient-norm clipping of the LoRA parameters")
+    g = p.add_argument_group("LoRA and distillation (METHOD.md §5-§7)")
     g.add_argument("--no-lora", action="store_true", help="ablation: train masks only, without LoRA")
-    g.add_argument("--lora-targets", default="q_proj,v_proj", help="projections with LoRA while pruning")
-    g.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
-    g.add_argument("--lora-alpha", type=float, default=8.0, help="LoRA alpha (scale alpha / rank)")
-    g.add_argument("--distill", choices=["pkd", "kd", "none"], default="pkd",
+    g.add_argument("--lora-targets", default=d["lora_targets"], help="projections with LoRA while pruning")
+    g.add_argument("--lora-rank", type=int, default=d["lora_rank"], help="LoRA rank")
+    g.add_argument("--lora-alpha", type=float, default=d["lora_alpha"], help="LoRA alpha (scale alpha / rank)")
+    g.add_argument("--distill", choices=["pkd", "kd", "none"], default=d["distill"],
                    help="pkd: progressive teachers; kd: the intact model teaches; none: next-token cross-entropy")
-    g.add_argument("--kd-temp", type=float, default=2 / 3, help="distillation temperature T (Eq. 7)")
-    g.add_argument("--kd-weight", type=float, default=0.1, help="weight of the logit KL (Eq. 9)")
-    g.add_argument("--layer-weight", type=float, default=0.9, help="weight of the layer MSE (Eq. 9)")
-    g.add_argument("--gap", type=float, default=0.10, help="sparsity gap between student and teacher (pkd)")
-    g.add_argument("--interval", type=float, default=0.01, help="sparsity between two snapshots (pkd)")
-    g = p.add_argument_group("post fine-tuning (§7)")
+    g.add_argument("--kd-temp", type=float, default=d["kd_temp"], help="distillation temperature T (Eq. 7; default: 2/3)")
+    g.add_argument("--kd-weight", type=float, default=d["kd_weight"], help="weight of the logit KL (Eq. 9)")
+    g.add_argument("--layer-weight", type=float, default=d["layer_weight"], help="weight of the layer MSE (Eq. 9)")
+    g.add_argument("--gap", type=float, default=d["gap"], help="sparsity gap between student and teacher (pkd)")
+    g.add_argument("--interval", type=float, default=d["interval"], help="sparsity between two snapshots (pkd)")
+    g = p.add_argument_group("post fine-tuning (METHOD.md §7)")
     g.add_argument("--ft-data", help="Stanford-Alpaca JSON; enables post fine-tuning with the masks fixed")
-    g.add_argument("--ft-epochs", type=int, default=2, help="post fine-tuning epochs")
+    g.add_argument("--ft-epochs", type=int, default=d["ft_epochs"], help="post fine-tuning epochs")
     g.add_argument("--ft-max-steps", type=int, help="cap the post fine-tuning steps")
-    g.add_argument("--ft-lr", type=float, default=1e-4, help="post fine-tuning LoRA learning rate, decays to 0")
-    g.add_argument("--ft-batch-size", type=int, default=16, help="examples per post fine-tuning step")
-    g.add_argument("--ft-max-len", type=int, default=512, help="tokens per Alpaca example")
-    g.add_argument("--ft-lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                   help="projections with LoRA in post fine-tuning")
+    g.add_argument("--ft-lr", type=float, default=d["ft_lr"], help="post fine-tuning LoRA learning rate, decays to 0")
+    g.add_argument("--ft-batch-size", type=int, default=d["ft_batch_size"], help="examples per post fine-tuning step")
+    g.add_argument("--ft-max-len", type=int, default=d["ft_max_len"], help="tokens per Alpaca example")
+    g.add_argument("--ft-lora-targets", default=d["ft_lora_targets"], help="projections with LoRA in post fine-tuning")
     return p
 
 
@@ -466,286 +880,41 @@ DEMO_DEFAULTS = dict(max_steps=240, block_size=256, batch_size=8, micro_batch_si
                      heldout_blocks=64, log_every=20, save_every=100)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def check_paths(c: RunConfig):
+    """The files a run reads, checked before any is loaded (--ckpt demo is built after this check)."""
+    if c.ckpt != "demo" and not Path(c.ckpt).exists():
+        raise FileNotFoundError(f"--ckpt {c.ckpt} does not exist")
+    for flag, path in (("--tokenizer", c.tokenizer), ("--data", c.data), ("--heldout", c.heldout),
+                       ("--ft-data", c.ft_data)):
+        if path is not None:
+            data.check_file(path, flag)
+
+
+def parse_args(argv=None) -> tuple[RunConfig, bool]:
+    """(the run's configuration, whether it resumes): every flag and path checked before any work."""
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.resume:
-        return a
+        return RunConfig.from_dict({**load_state(a.resume)["config"], "out": a.resume}), True
     if a.ckpt == "demo":
-        import demo  # only here: building the demo model needs nothing else
         parser.set_defaults(**DEMO_DEFAULTS)
         a = parser.parse_args(argv)
-        paths = demo.ensure_demo(Path(a.cache_dir) / "demo" if a.cache_dir else None)
-        a.ckpt, a.tokenizer = paths["ckpt"], a.tokenizer or paths["tokenizer"]
-        a.data, a.heldout = a.data or paths["train_text"], a.heldout or paths["heldout_text"]
-    for name in ("ckpt", "target", "data"):
+    for name in ("ckpt", "target") + (("data",) if a.ckpt != "demo" else ()):
         if getattr(a, name) is None:
             raise ValueError(f"--{name} is required (or --resume OUT)")
-    if not 0 < a.target < 1:
-        raise ValueError(f"--target must lie in (0, 1), got {a.target}")
-    if not 0 < a.interval < a.target or a.gap < a.interval:
-        raise ValueError(f"need 0 < --interval < --target and --gap >= --interval, got {a.interval}, {a.gap}")
-    for name in ("epochs", "batch_size", "micro_batch_size", "log_every", "save_every", "ft_batch_size"):
-        if getattr(a, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    if a.warmup_epochs is None:
-        a.warmup_epochs = 4.0 if a.target <= 0.25 else 1.0  # paper §4.1
-    return a
-
-
-# -----------------------------------------------------------------------------
-# the method
-
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def prunable_tensors(model: llama.Llama) -> int:
-    # counted on the tensors themselves (not the config): the sparsity the report states is the one on disk
-    return sum(p.numel() for n, p in model.named_parameters()
-               if n.endswith(".weight") and n.split(".")[-2] in PROJECTIONS)
-
-
-def prune_optimizer(gates: Gates, lora_params: list) -> torch.optim.AdamW:
-    # AdamW without weight decay (§7); the lambdas ascend (Eq. 5). Learning rates are set by name every step.
-    groups = [{"name": "log_alpha", "params": [g.log_alpha for g in (gates.head, gates.intermediate, gates.hidden)]},
-              {"name": "lambda", "params": [gates.lambda_1, gates.lambda_2], "maximize": True}]
-    return torch.optim.AdamW(groups + ([{"name": "lora", "params": lora_params}] if lora_params else []),
-                             weight_decay=0.0)
-
-
-def finetune_optimizer(lora_params: list) -> torch.optim.AdamW:
-    return torch.optim.AdamW([{"name": "lora", "params": lora_params}], weight_decay=0.0)
-
-
-def run(a: argparse.Namespace) -> dict:
-    t_start = time.time()
-    state = None
-    if a.resume:
-        state = load_state(a.resume)
-        a = argparse.Namespace(**{**state["args"], "out": a.resume, "resume": None})
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(a.device)
-    cuda = device.type == "cuda"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-             "auto": torch.bfloat16 if cuda else torch.float32}[a.dtype]
-    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if cuda and dtype != torch.float32 else nullcontext
-    torch.manual_seed(a.seed)
-    random.seed(a.seed)
-    np.random.seed(a.seed)
-
-    # one model in memory: the frozen base, the student's LoRA, and per step a teacher's swapped in (§6)
-    model, tok = llama.load(a.ckpt, a.tokenizer, device, dtype)
-    cfg = model.config
-    if not cfg.uniform:
-        raise ValueError(f"{a.ckpt} is already pruned (per-layer sizes); start from a dense checkpoint")
-    if a.block_size > cfg.max_seq_len:
-        raise ValueError(f"--block-size {a.block_size} exceeds the model's maximum length {cfg.max_seq_len}")
-    model.gradient_checkpointing = cuda if a.grad_ckpt is None else a.grad_ckpt
-    gates = Gates(cfg).to(device)
-    attach_lora(model, a, state)
-    blocks = data.calibration_blocks(a.data, tok, a.n_docs, a.block_size, a.cache_dir)  # (N, block_size)
-    if a.heldout:  # a separate file: every block of --data trains
-        heldout = data.calibration_blocks(a.heldout, tok, a.n_docs, a.block_size, a.cache_dir)[:a.heldout_blocks]
-    else:  # the last blocks of --data, never trained on
-        heldout, blocks = blocks[len(blocks) - a.heldout_blocks:], blocks[:len(blocks) - a.heldout_blocks]
-    if len(blocks) < a.batch_size:
-        raise ValueError(f"{a.data}: {len(blocks)} training blocks of {a.block_size} tokens after holding out "
-                         f"{a.heldout_blocks}, fewer than --batch-size {a.batch_size}")
-    examples = data.alpaca_examples(a.ft_data, tok, a.ft_max_len) if a.ft_data else []  # read now: fail early
-    if a.ft_data and len(examples) < a.ft_batch_size:
-        raise ValueError(f"{a.ft_data}: {len(examples)} examples, fewer than --ft-batch-size {a.ft_batch_size}")
-    total_steps = a.epochs * (len(blocks) // a.batch_size)
-    total_steps = min(total_steps, a.max_steps) if a.max_steps else total_steps
-    warmup_steps = round(a.warmup_epochs / a.epochs * total_steps)  # every schedule scales with --max-steps
-    ft_total = a.ft_epochs * (len(examples) // a.ft_batch_size)
-    ft_total = min(ft_total, a.ft_max_steps) if a.ft_max_steps else ft_total
-    gap, n_levels = round(a.gap / a.interval), math.ceil(a.target / a.interval - 1e-9) - 1  # snapshot levels < target
-
-    phase, step, ft_step, stage2_start, snapshots, final, prune_lora = "prune", 0, 0, None, [], None, None
-    ppl_before, wall = None, 0.0
-    if state is not None:
-        phase, step, ft_step, stage2_start = state["phase"], state["step"], state["ft_step"], state["stage2_start"]
-        gates.load_state_dict(state["gates"])
-        snapshots = [Snapshot(s["level"], s["sparsity"], Masks(**s["masks"]), s["lora"]) for s in state["snapshots"]]
-        final = None if state["final_masks"] is None else Masks(**state["final_masks"]).to(device)
-        prune_lora, ppl_before, wall = state["lora"], state["ppl_before"], state["wall"]
-    lora_params = list(llama.lora_state(model).values())
-    optimizer = prune_optimizer(gates, lora_params) if phase == "prune" else finetune_optimizer(lora_params)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and dtype == torch.float16)
-    if state is not None:
-        if state["optimizer"] is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"] is not None:
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        truncate_log(out / "log.jsonl", step, ft_step)
-    else:
-        (out / "log.jsonl").unlink(missing_ok=True)
-        ppl_before = heldout_ppl(model, heldout, None, a.micro_batch_size, autocast) if len(heldout) else None
-    log = open(out / "log.jsonl", "a")
-
-    def checkpoint():
-        current = cpu_lora(model)
-        save_state(out, {
-            "args": vars(a), "phase": phase, "step": step, "ft_step": ft_step, "stage2_start": stage2_start,
-            "gates": gates.state_dict(), "optimizer": optimizer.state_dict() if phase != "done" else None,
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "lora": current if phase == "prune" else prune_lora,
-            "ft_lora": current if phase != "prune" and a.ft_data else None,
-            "snapshots": [{"level": s.level, "sparsity": s.sparsity, "masks": masks_dict(s.masks), "lora": s.lora}
-                          for s in snapshots],
-            "final_masks": masks_dict(final), "rng": rng_state(), "ppl_before": ppl_before,
-            "wall": wall + time.time() - t_start})
-
-    # -- pruning: masks (Eq. 4) and LoRA learn from the teachers (Eq. 7-9) under the sparsity Lagrangian (Eq. 5)
-    model.train()  # LLaMA has no dropout: this only lets gradient checkpointing act
-    bar = Progress("prune", total_steps, step)
-    while phase == "prune" and step < total_steps:
-        teacher = pick_teacher(step, snapshots, stage2_start, total_steps, gap) if a.distill == "pkd" else None
-        target = target_at(step, a.target, warmup_steps)
-        lrs = {"log_alpha": a.lr_mask, "lambda": a.lr_lambda, "lora": linear_decay(step, a.lr_lora, total_steps)}
-        for group in optimizer.param_groups:
-            group["lr"] = lrs[group["name"]]
-
-        # one mask sample per step, shared by the batch; each micro-batch's gradient w.r.t. z gathers on leaf copies
-        z = gates.sample()
-        z_leaf = Masks(*(t.detach().requires_grad_() for t in mask_tensors(z)))
-        batch = blocks[batch_indices(step, len(blocks), a.batch_size, a.seed)]  # (B, T)
-        terms = {"kd": 0.0, "layer": 0.0, "lm": 0.0}
-        for idx in batch.split(a.micro_batch_size):
-            idx, frac = idx.to(device), len(idx) / len(batch)
-            with autocast():
-                if a.distill == "none":
-                    parts = {"lm": lm_loss(model(idx, z_leaf), idx)}
-                else:
-                    # the teacher first: its in-place LoRA swap must not touch a live student graph (§6)
-                    layers = a.layer_weight > 0  # without the layer loss, keep no hidden states (memory)
-                    with torch.no_grad(), teacher_lora(model, None if teacher is None else teacher.lora):
-                        t_out = model(idx, None if teacher is None else teacher.masks.to(device), output_hidden=layers)
-                    out_s = model(idx, z_leaf, output_hidden=layers)
-                    (logits, hidden), (t_logits, t_hidden) = (out_s, t_out) if layers else ((out_s, []), (t_out, []))
-                    parts = {"kd": a.kd_weight * kd_loss(logits, t_logits, a.kd_temp)}  # Eq. 9
-                    if layers:
-                        parts["layer"] = a.layer_weight * layer_loss(hidden, t_hidden)
-                    del t_out, t_logits, t_hidden  # the teacher's tensors are not needed by backward
-            scaler.scale(sum(parts.values()) * frac).backward()
-            for k, v in parts.items():
-                terms[k] += float(v.detach()) * frac
-
-        expected = expected_sparsity(gates.prob_nonzero(), cfg)  # Eq. 3
-        l0 = lagrangian(expected, target, gates.lambda_1, gates.lambda_2)  # Eq. 5
-        terms["l0"] = float(l0.detach())
-        # the chain rule from the leaf masks through the sampler (Eq. 4) to log_alpha, plus the Lagrangian's gradient
-        surrogate = sum((t * t_leaf.grad).sum() for t, t_leaf in zip(mask_tensors(z), mask_tensors(z_leaf)))
-        (surrogate + scaler.scale(l0)).backward()
-        scaler.unscale_(optimizer)
-        if lora_params:
-            nn.utils.clip_grad_norm_(lora_params, a.clip)
-        scaler.step(optimizer)  # descent on LoRA and log_alpha, ascent on lambda_1 and lambda_2
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        gates.clamp_()
-        step += 1
-
-        # snapshots: the student's (deterministic masks, LoRA) at each interval crossed below the target (§6)
-        with torch.no_grad():
-            now = float(expected_sparsity(gates.prob_nonzero(), cfg))
-        if a.distill == "pkd" and stage2_start is None:
-            if len(snapshots) < n_levels and now >= (len(snapshots) + 1) * a.interval:
-                masks = gates.deterministic()
-                snap = Snapshot(0, float(expected_sparsity(masks, cfg)), masks.to("cpu"), cpu_lora(model))
-                while len(snapshots) < n_levels and now >= (len(snapshots) + 1) * a.interval:  # maybe several
-                    snapshots.append(replace(snap, level=len(snapshots) + 1))
-            if now >= a.target:  # stage 2 from the first time the student reaches the target (reference)
-                stage2_start = step
-        if step % a.log_every == 0 or step == total_steps:
-            log_line(log, {"phase": "prune", "step": step, "loss": sum(terms.values()), **terms,
-                           "expected_sparsity": float(expected.detach()), "target": target,
-                           "lambda_1": gates.lambda_1.item(), "lambda_2": gates.lambda_2.item(),
-                           "teacher_sparsity": 0.0 if teacher is None else teacher.sparsity,
-                           "lr_lora": lrs["lora"] if lora_params else 0.0, "lr_mask": lrs["log_alpha"],
-                           "lr_lambda": lrs["lambda"]})
-        if step % a.save_every == 0 and step < total_steps:
-            checkpoint()
-        bar.update(step)
-    bar.close()
-
-    if phase == "prune":  # final deterministic masks, within tolerance of the target (§2)
-        final = final_masks(gates, cfg, a.target, a.tolerance)
-        prune_lora = cpu_lora(model)
-        phase = "finetune" if a.ft_data else "done"
-        if a.ft_data:
-            start_finetune(model, a)
-            lora_params = list(llama.lora_state(model).values())
-            optimizer = finetune_optimizer(lora_params)
-        checkpoint()
-
-    # -- post fine-tuning (§7): masks fixed, LoRA on every projection, cross-entropy on the responses only
-    bar = Progress("finetune", ft_total, ft_step)
-    pad_id = max(tok.eos_id, 0)
-    while phase == "finetune" and ft_step < ft_total:
-        optimizer.param_groups[0]["lr"] = lr = linear_decay(ft_step, a.ft_lr, ft_total)
-        batch = [examples[i] for i in batch_indices(ft_step, len(examples), a.ft_batch_size, a.seed + 1)]
-        loss_value = 0.0
-        for i in range(0, len(batch), a.micro_batch_size):
-            ids, labels = data.pad_batch(batch[i:i + a.micro_batch_size], pad_id)  # (b, T) each
-            frac = len(ids) / len(batch)
-            with autocast():
-                loss = lm_loss(model(ids.to(device), final), labels.to(device))
-            scaler.scale(loss * frac).backward()
-            loss_value += loss.item() * frac
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(lora_params, a.clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        ft_step += 1
-        if ft_step % a.log_every == 0 or ft_step == ft_total:
-            log_line(log, {"phase": "finetune", "step": ft_step, "loss": loss_value, "lr_lora": lr})
-        if ft_step % a.save_every == 0 and ft_step < ft_total:
-            checkpoint()
-        bar.update(ft_step)
-    bar.close()
-    if phase == "finetune":
-        phase = "done"
-        checkpoint()
-    log.close()
-
-    # -- export (§8) and report
-    model.eval()
-    cfg_pruned = llama.export_pruned(model, final, out / "pruned", tok.path)
-    pruned = llama.load_model(out / "pruned", device, dtype)
-    report = {
-        "target": a.target,
-        "sparsity": 1 - prunable_tensors(pruned) / prunable_tensors(model),
-        "sparsity_total": 1 - llama.count_params(pruned) / llama.count_params(model),
-        "expected_sparsity": expected_sparsity(gates.prob_nonzero(), cfg).item(),
-        "params_dense": llama.count_params(model), "params_pruned": llama.count_params(pruned),
-        "prunable_dense": prunable_tensors(model), "prunable_pruned": prunable_tensors(pruned),
-        "hidden": cfg_pruned.dim,  # kept hidden width, and per layer (the paper's Tables 11-12):
-        "layers": [{"heads": h, "kv_heads": kv, "ffn": f}
-                   for h, kv, f in zip(cfg_pruned.heads, cfg_pruned.kv_heads, cfg_pruned.ffn)],
-        "heldout_tokens": heldout.numel(), "ppl_before": ppl_before,
-        "ppl_after": heldout_ppl(pruned, heldout, None, a.micro_batch_size, autocast) if len(heldout) else None,
-        "steps": step, "ft_steps": ft_step, "snapshots": len(snapshots), "stage2_start": stage2_start,
-        "lambda_1": gates.lambda_1.item(), "lambda_2": gates.lambda_2.item(),
-        "wall_time_s": wall + time.time() - t_start, "args": vars(a)}
-    (out / "report.json.tmp").write_text(json.dumps(report, indent=2))
-    os.replace(out / "report.json.tmp", out / "report.json")
-    ppl = lambda v: "-" if v is None else f"{v:.2f}"
-    print(f"\n{'':8}{'params':>10}{'prunable':>10}{'held-out ppl':>14}\n"
-          f"{'dense':8}{report['params_dense'] / 1e6:9.3f}M{report['prunable_dense'] / 1e6:9.3f}M{ppl(ppl_before):>14}\n"
-          f"{'pruned':8}{report['params_pruned'] / 1e6:9.3f}M{report['prunable_pruned'] / 1e6:9.3f}M"
-          f"{ppl(report['ppl_after']):>14}\n"
-          f"sparsity {report['sparsity']:.4f} of prunable weights (target {a.target}), {report['sparsity_total']:.4f} "
-          f"of all; {_hms(report['wall_time_s'])}; model in {out / 'pruned'}, report in {out / 'report.json'}")
-    return report
+    c = RunConfig(**{f.name: getattr(a, f.name) for f in fields(RunConfig)})  # checks every value
+    check_paths(c)
+    if c.ckpt == "demo":
+        import demo  # only here: building the demo model needs nothing else
+        paths = demo.ensure_demo(Path(c.cache_dir) / "demo" if c.cache_dir else None)
+        c = replace(c, ckpt=paths["ckpt"], tokenizer=c.tokenizer or paths["tokenizer"],
+                    data=c.data or paths["train_text"], heldout=c.heldout or paths["heldout_text"])
+    return c, False
 
 
 def main(argv=None):
     try:
-        run(parse_args(argv))
+        run(*parse_args(argv))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

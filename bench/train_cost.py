@@ -3,9 +3,9 @@ layer loss, as step time and peak memory relative to plain training.
 
 A random LLaMA (default 134M parameters: dim 768, 12 layers, 12 heads, FFN 2048, 32k vocabulary) with LoRA on
 q_proj, v_proj (rank 8) and nuteprune.Gates; sequence 512, micro-batch 1, one micro-batch per optimizer step. Every
-step is composed of nuteprune's own functions exactly as `nuteprune.run` composes its step (sampled masks on leaf
-copies, the teacher first under no_grad inside `teacher_lora`, then the student, the losses, backward, the
-Lagrangian and the surrogate that carries dz to log_alpha, clipping, AdamW, clamping):
+step is `nuteprune.prune_step` itself, the step the command runs (sampled masks on leaf copies, the teacher first
+under no_grad inside `teacher_lora`, then the student, the losses, backward, the Lagrangian and the surrogate that
+carries dz to log_alpha, clipping, AdamW, clamping), with a hook that timestamps each phase:
 
     plain      student forward with sampled masks + next-token cross-entropy (--distill none)
     floor      one no-grad forward of the same batch, alone: what a teacher costs at the least
@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -58,7 +58,7 @@ PRESETS = {"bench": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_di
            "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, vocab_size=32000)}
 MODES = ("plain", "floor", "kd", "pkd", "pkd_layer")
 LORA_TARGETS, LORA_RANK = ("q_proj", "v_proj"), 8
-KD_TEMP, KD_WEIGHT, LAYER_WEIGHT, TARGET, GAP = 2 / 3, 0.1, 0.9, 0.25, 10  # nuteprune.py defaults (§5, §6)
+KD_TEMP, TARGET, GAP = npr.RunConfig.kd_temp, 0.25, 10  # the command's temperature and gap (METHOD.md §5, §6)
 PAPER = {"kd_over_plain_time": 1.18, "layer_over_pkd_memory": 1.32, "snapshots_7b_40_mb": 728.0,
          "memory_gb": (27.7, 38.0)}
 GOALS = {"kd_over_plain_plus_floor": 1.05, "pkd_over_kd_time": 1.02, "pkd_extra_memory_frac": 0.01}
@@ -85,13 +85,14 @@ def random_llama(cfg: llama.LlamaConfig, device, dtype, seed: int = 0) -> llama.
 
 @dataclass
 class Setup:
-    model: llama.Llama
-    gates: npr.Gates
-    optimizer: torch.optim.Optimizer
-    lora_params: list
+    trainer: npr.Trainer  # the model, gates, optimizer and scaler that nuteprune.prune_step steps
     snapshots: list
     device: torch.device
-    autocast: object
+
+
+# each mode's loss terms, as the command's flags set them (the rest of RunConfig is the paper's default)
+MODE_FLAGS = {"plain": dict(distill="none"), "kd": dict(distill="kd", layer_weight=0.0),
+              "pkd": dict(distill="pkd", layer_weight=0.0), "pkd_layer": dict(distill="pkd")}
 
 
 def build(cfg: llama.LlamaConfig, device: str, dtype, n_snapshots: int, grad_ckpt: bool, seed: int = 0) -> Setup:
@@ -105,18 +106,18 @@ def build(cfg: llama.LlamaConfig, device: str, dtype, n_snapshots: int, grad_ckp
     model.gradient_checkpointing = grad_ckpt
     model.train()
     gates = npr.Gates(cfg).to(device)
-    lora = list(llama.lora_state(model).values())
-    optimizer = npr.prune_optimizer(gates, lora)
-    for group in optimizer.param_groups:
-        group["lr"] = {"log_alpha": 0.1, "lambda": 0.1, "lora": 1e-3}[group["name"]]
+    optimizer = npr.prune_optimizer(gates, list(llama.lora_state(model).values()))
+    npr.set_learning_rates(optimizer, {"log_alpha": 0.1, "lambda": 0.1, "lora": 1e-3})
     snapshots = []
-    for level in range(1, n_snapshots + 1):  # what the run stores at each interval crossed (§6), all distinct copies
+    for level in range(1, n_snapshots + 1):  # what the run stores at each interval crossed (METHOD.md §6), all distinct copies
         masks = gates.deterministic()
         snapshots.append(npr.Snapshot(level, float(npr.expected_sparsity(masks, cfg)), masks.to("cpu"),
                                       npr.cpu_lora(model)))
     cuda = device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if cuda and dtype != torch.float32 else nullcontext
-    return Setup(model, gates, optimizer, lora, snapshots, device, autocast)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and dtype == torch.float16)
+    config = npr.RunConfig(ckpt="bench", target=TARGET, data="bench", micro_batch_size=10 ** 6)  # one forward a step
+    return Setup(npr.Trainer(model, gates, optimizer, scaler, config, autocast), snapshots, device)
 
 
 def snapshot_bytes(s: npr.Snapshot) -> int:
@@ -125,8 +126,7 @@ def snapshot_bytes(s: npr.Snapshot) -> int:
 
 
 def train_step(s: Setup, idx: torch.Tensor, mode: str, marks: list) -> None:
-    """One optimizer step of `mode` (one micro-batch), as in nuteprune.run; appends (phase, time) to marks."""
-    model, gates, cfg = s.model, s.gates, s.model.config
+    """One optimizer step of `mode`: nuteprune.prune_step itself, with its phase hook; appends (phase, time)."""
     sync = torch.cuda.synchronize if s.device.type == "cuda" else (lambda: None)
 
     def mark(phase):
@@ -135,44 +135,13 @@ def train_step(s: Setup, idx: torch.Tensor, mode: str, marks: list) -> None:
 
     mark("start")
     if mode == "floor":
-        with torch.no_grad(), s.autocast():
-            model(idx)
+        with torch.no_grad(), s.trainer.autocast():
+            s.trainer.model(idx)
         mark("teacher")
         return
-    layer = mode == "pkd_layer"
+    t = replace(s.trainer, c=replace(s.trainer.c, **MODE_FLAGS[mode]))
     teacher = npr.pick_teacher(len(s.snapshots), s.snapshots, None, 10 ** 9, GAP) if mode.startswith("pkd") else None
-    z = gates.sample()
-    z_leaf = Masks(*(t.detach().requires_grad_() for t in npr.mask_tensors(z)))
-    with s.autocast():
-        if mode == "plain":
-            logits = model(idx, z_leaf)
-            mark("student")
-            loss = npr.lm_loss(logits, idx)
-            del logits  # the run passes model(...) straight into lm_loss: nothing holds the logits
-        else:
-            with torch.no_grad(), npr.teacher_lora(model, None if teacher is None else teacher.lora):
-                t_out = model(idx, None if teacher is None else teacher.masks.to(s.device), output_hidden=layer)
-            mark("teacher")
-            out = model(idx, z_leaf, output_hidden=layer)
-            mark("student")
-            (t_logits, t_hidden), (logits, hidden) = (t_out, out) if layer else ((t_out, None), (out, None))
-            loss = KD_WEIGHT * npr.kd_loss(logits, t_logits, KD_TEMP)  # Eq. 9
-            if layer:
-                loss = loss + LAYER_WEIGHT * npr.layer_loss(hidden, t_hidden)
-    mark("loss")
-    loss.backward()
-    mark("backward")
-    expected = npr.expected_sparsity(gates.prob_nonzero(), cfg)  # Eq. 3
-    l0 = npr.lagrangian(expected, TARGET, gates.lambda_1, gates.lambda_2)  # Eq. 5
-    surrogate = sum((t * t_leaf.grad).sum() for t, t_leaf in zip(npr.mask_tensors(z), npr.mask_tensors(z_leaf)))
-    (surrogate + l0).backward()
-    nn.utils.clip_grad_norm_(s.lora_params, 1.0)
-    s.optimizer.step()
-    s.optimizer.zero_grad(set_to_none=True)
-    gates.clamp_()
-    with torch.no_grad():
-        float(npr.expected_sparsity(gates.prob_nonzero(), cfg))  # the run's snapshot check
-    mark("optimizer")
+    npr.prune_step(t, idx, teacher, TARGET, mark)
 
 
 def phases(marks: list) -> dict:
@@ -419,7 +388,7 @@ def main(argv=None):
     s = build(cfg, args.device, dtype, args.snapshots, args.grad_ckpt)
     idx = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq_len),
                         generator=torch.Generator().manual_seed(1)).to(args.device)
-    n_params = llama.count_params(s.model)
+    n_params = llama.count_params(s.trainer.model)
     where = f"{args.device}, {str(dtype).removeprefix('torch.')}" + (
         f", {args.threads} thread(s), malloc {args.malloc}" if not cuda else "")
     print(f"model: random LLaMA {args.preset} ({n_params / 1e6:.0f}M parameters: dim {cfg.dim}, {cfg.n_layers} layers, "

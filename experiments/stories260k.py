@@ -10,8 +10,8 @@ flags apart from the setting's own; the baselines run in this process, their LoR
 budget (the same optimizer steps x batch size). Finished work is not redone: a run whose report.json exists is only
 evaluated (once), an interrupted one continues with --resume, and baselines keep their result files.
 
-Writes OUT/results.json (every run), OUT/results.md (the tables, with the paper's numbers of SPEC §10 beside the
-ablations) and OUT/plots/ (experiments/plots.py on seed 0 of pkd at 50% and 20%).
+Writes OUT/results.json (every run), OUT/results.md (the tables, with the paper's numbers (docs/METHOD.md) beside
+the ablations) and OUT/plots/ (experiments/plots.py on seed 0 of pkd at 50% and 20%).
 """
 from __future__ import annotations
 
@@ -65,8 +65,8 @@ SETTINGS = (
 METHODS = ("magnitude", "taylor")
 TARGETS = (0.2, 0.5)
 
-# The paper's ablations (SPEC §10: LLaMA-7B, 50%, co-trained, no post fine-tuning; average zero-shot accuracy, higher
-# is better), beside ours (held-out perplexity, lower is better).
+# The paper's ablations (docs/METHOD.md, "Paper numbers": LLaMA-7B, 50%, co-trained, no post fine-tuning; average
+# zero-shot accuracy, higher is better), beside ours (held-out perplexity, lower is better).
 PAPER = {"pkd-50": 53.94, "kd-50": 52.73, "none-50": 41.77, "gap5-50": 53.62, "gap20-50": 53.04,
          "interval10-50": 53.27}
 ABLATIONS = (  # (title, settings in the paper's order best first, what the paper shows)
@@ -325,7 +325,7 @@ def markdown(results: list[dict], a: argparse.Namespace, ctx: Context, timing: d
 
     lines += ["", "## Ablations (50%, co-trained, no post fine-tuning)", "",
               "Ours: held-out perplexity (lower is better). Paper: LLaMA-7B average zero-shot accuracy "
-              "(higher is better), SPEC §10.", "",
+              "(higher is better), as docs/METHOD.md lists them.", "",
               "| ablation | setting | ours: PPL mean ± std | per seed | paper: avg acc |", "|---|---|---|---|---|"]
     verdicts = []
     for title, names, paper in ABLATIONS:

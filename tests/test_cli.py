@@ -87,7 +87,7 @@ def test_smoke_whole_command(files, tmp_path):
 @pytest.mark.parametrize("distill", ["kd", "none", "pkd-no-layer-loss"])
 def test_ablations_run(files, tmp_path, distill):
     extra = ("--distill", "pkd", "--layer-weight", "0") if distill == "pkd-no-layer-loss" else ("--distill", distill)
-    report = npr.run(npr.parse_args(args(files, tmp_path, *extra, "--no-lora", "--max-steps", "4")))
+    report = npr.run(*npr.parse_args(args(files, tmp_path, *extra, "--no-lora", "--max-steps", "4")))
     assert abs(report["sparsity"] - 0.5) <= 0.005
 
 
@@ -141,7 +141,7 @@ def test_distillation_step_holds_one_copy_of_the_base_weights(files, tmp_path, m
             seen.append((torch.is_grad_enabled(), weight.data_ptr(), models, masks is not None))
         return forward(self, idx, masks, output_hidden, **kw)
     monkeypatch.setattr(llama.Llama, "forward", spy)
-    npr.run(npr.parse_args(args(files, tmp_path)))
+    npr.run(*npr.parse_args(args(files, tmp_path)))
     assert [s[0] for s in seen] == [False, True] * 24  # 12 steps x 2 micro-batches: the teacher, then the student
     assert any(s[3] for s in seen if not s[0])  # snapshots taught, not only the intact model
     assert len({s[1] for s in seen}) == 1  # every forward read the same weight storage
@@ -175,9 +175,11 @@ def test_ckpt_demo_fills_paths_and_budget(files, monkeypatch):
     paths = {"ckpt": str(files / "model"), "tokenizer": str(files / "tok.model"),
              "train_text": str(files / "corpus.txt"), "heldout_text": str(files / "corpus.txt")}
     monkeypatch.setattr(demo, "ensure_demo", lambda cache_dir=None: paths)  # the real build takes ~2 minutes
-    a = npr.parse_args(["--ckpt", "demo", "--target", "0.5", "--batch-size", "4"])
+    a, resume = npr.parse_args(["--ckpt", "demo", "--target", "0.5", "--batch-size", "4"])
+    assert not resume
     assert (a.ckpt, a.tokenizer, a.data, a.heldout) == (paths["ckpt"], paths["tokenizer"], paths["train_text"],
                                                         paths["heldout_text"])
     assert a.max_steps == npr.DEMO_DEFAULTS["max_steps"] and a.block_size == npr.DEMO_DEFAULTS["block_size"]
     assert a.batch_size == 4  # given on the command line
-    assert npr.parse_args(["--ckpt", str(files / "model"), "--target", "0.5", "--data", "x"]).max_steps is None
+    c, _ = npr.parse_args(["--ckpt", str(files / "model"), "--target", "0.5", "--data", str(files / "corpus.txt")])
+    assert c.max_steps is None

@@ -5,27 +5,14 @@ import pytest
 import torch
 
 import data
-from conftest import need
-
-
-class CharTokenizer:
-    """Stand-in for llama.Tokenizer: one id per character, BOS 1, EOS 2; .path is a file whose bytes key the cache."""
-
-    bos_id, eos_id = 1, 2
-
-    def __init__(self, path, shift=3):
-        self.path, self.shift, self.calls = str(path), shift, 0
-
-    def encode(self, text, bos=False, eos=False):
-        self.calls += 1
-        return [self.bos_id] * bos + [self.shift + ord(c) % 200 for c in text] + [self.eos_id] * eos
+from conftest import CharTokenizer, need
 
 
 @pytest.fixture
 def tok(tmp_path):
     p = tmp_path / "char.model"
     p.write_bytes(b"char tokenizer v1")
-    return CharTokenizer(p)
+    return CharTokenizer(p, vocab_size=203)  # ids 3 + ord(c) % 200
 
 
 def write_jsonl(path, texts, gz=False):

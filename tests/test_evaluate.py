@@ -1,7 +1,5 @@
 import json
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -10,7 +8,7 @@ import torch.nn.functional as F
 import data
 import evaluate as ev
 import llama
-from conftest import need
+from conftest import CharTokenizer, need
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -22,7 +20,7 @@ def one_thread():
     yield
     torch.set_num_threads(n)
 
-# -- prompts: hand-written expectations of lm-evaluation-harness v0.3 (SPEC §9) ------------------------------------
+# -- prompts: hand-written expectations of lm-evaluation-harness v0.3 (METHOD.md §9) ------------------------------------
 
 PROMPT_CASES = {
     "boolq": ({"passage": "Ethanol fuel is made from corn.", "question": "is ethanol made from corn", "answer": True,
@@ -146,13 +144,6 @@ def test_acc_norm_divides_by_characters():
         (4 * 0.5 + 3 * 0.25) / 7)
 
 # -- perplexity and scoring against direct computations ---------------------------------------------------------------
-
-
-class CharTokenizer:
-    bos_id, eos_id, vocab_size, path = 1, 2, 100, "chars"
-
-    def encode(self, text, bos=False, eos=False):
-        return [1] * bos + [3 + ord(c) % 97 for c in text] + [2] * eos
 
 
 def tiny_model(seed=0, **kw):
@@ -434,25 +425,25 @@ def test_pruned_export_equals_masked_model(stories, tmp_path):
     assert masked["wikitext2"] != ev.evaluate(model, tok, ["wikitext2"], need(), **kw)["wikitext2"]
 
 
-def test_nuteprune_run_directory(stories, tmp_path, monkeypatch, capsys):
+def test_nuteprune_run_directory(stories, tmp_path, capsys):
+    """A run directory is evaluated through its exported pruned/ (equal to the masked model); an unfinished run is a
+    one-line error."""
     model, tok, masks = stories
     run = tmp_path / "run"
     run.mkdir()
-    (run / "report.json").write_text("{}")
-    calls = []
-
-    def load_run(out_dir, device, dtype):
-        calls.append((str(out_dir), device, dtype))
-        return model, masks, tok
-    monkeypatch.setitem(sys.modules, "nuteprune", types.SimpleNamespace(load_run=load_run))
+    (run / "state.pt").write_bytes(b"")
+    assert ev.main(["--ckpt", str(run), "--data-dir", str(need()), "--tasks", "arc_easy"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume" in err[0]
+    llama.export_pruned(model, masks, run / "pruned", tokenizer_path=tok.path)
     out = tmp_path / "r.json"
     rc = ev.main(["--ckpt", str(run), "--data-dir", str(need()), "--tasks", "arc_easy,wikitext2", "--limit", "6",
                   "--seq-len", "4096", "--json", str(out)])
-    assert rc == 0 and calls == [(str(run), "cpu", torch.float32)]
+    assert rc == 0
     res = json.loads(out.read_text())
     direct = ev.evaluate(model, tok, ["arc_easy", "wikitext2"], need(), masks=masks, seq_len=512, limit=6)
     assert res["arc_easy"] == direct["arc_easy"]
-    assert res["wikitext2"]["ppl"] == pytest.approx(direct["wikitext2"]["ppl"], rel=1e-6)
+    assert res["wikitext2"]["ppl"] == pytest.approx(direct["wikitext2"]["ppl"], rel=1e-4)
     meta = res["meta"]
     assert meta["kind"] == "nuteprune-run" and meta["checkpoint"] == str(run)
     assert meta["seq_len"] == 512  # capped at the model's maximum
@@ -462,27 +453,26 @@ def test_nuteprune_run_directory(stories, tmp_path, monkeypatch, capsys):
     assert "capped" in err and "ETA" in err
 
 
-def test_real_nuteprune_run_equals_its_export(tmp_path):
+def test_real_nuteprune_run_equals_its_masked_model(tmp_path):
+    """evaluate.py on a real run directory (its export) gives the numbers of the base model with the run's LoRA and
+    final masks."""
     npr = pytest.importorskip("nuteprune")
-    if not hasattr(npr, "load_run"):
-        pytest.skip("nuteprune.load_run not available")
-    d, out = need(), tmp_path / "run"
+    out = tmp_path / "run"
     npr.main(["--ckpt", str(need("stories260K", "stories260K.bin")), "--tokenizer",
               str(need("stories260K", "tok512.model")), "--data", str(need("tinystories", "tinystories_val.txt")),
               "--target", "0.3", "--out", str(out), "--n-docs", "200", "--block-size", "64", "--batch-size", "4",
               "--micro-batch-size", "4", "--heldout-blocks", "2", "--max-steps", "4",
               "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
-    results = []
-    for ckpt in (out, out / "pruned"):  # the masked model + LoRA, and the physically pruned export
-        argv = ["--ckpt", str(ckpt), "--data-dir", str(d), "--tasks", "wikitext2,arc_easy,winogrande,hellaswag",
-                "--limit", "12", "--seq-len", "128", "--json", str(tmp_path / "r.json")]
-        assert ev.main(argv) == 0
-        results.append(json.loads((tmp_path / "r.json").read_text()))
-    run, export = results
-    assert (run["meta"]["kind"], export["meta"]["kind"]) == ("nuteprune-run", "pruned")
-    assert run["wikitext2"]["ppl"] == pytest.approx(export["wikitext2"]["ppl"], rel=1e-4)
-    for t in ("arc_easy", "winogrande", "hellaswag"):
-        assert run[t] == export[t]
+    tasks = ["wikitext2", "arc_easy", "winogrande", "hellaswag"]
+    assert ev.main(["--ckpt", str(out), "--data-dir", str(need()), "--tasks", ",".join(tasks), "--limit", "12",
+                    "--seq-len", "128", "--json", str(tmp_path / "r.json")]) == 0
+    export = json.loads((tmp_path / "r.json").read_text())
+    model, masks, tok = npr.load_run(out)
+    masked = ev.evaluate(model, tok, tasks, need(), masks=masks, seq_len=128, limit=12)
+    assert export["meta"]["kind"] == "nuteprune-run"
+    assert export["wikitext2"]["ppl"] == pytest.approx(masked["wikitext2"]["ppl"], rel=1e-4)
+    for t in tasks[1:]:
+        assert export[t] == masked[t]
 
 # -- the command line -------------------------------------------------------------------------------------------------
 

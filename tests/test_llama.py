@@ -4,20 +4,9 @@ import pytest
 import torch
 
 import llama
-from conftest import need
+from conftest import GQA, MHA, need, tiny_llama
 
-MHA = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=48, vocab_size=64, max_seq_len=64)
-GQA = dict(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=40, vocab_size=64, max_seq_len=64)
-
-
-def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    model = llama.Llama(llama.LlamaConfig(**kw))
-    with torch.no_grad():  # norms away from 1 so that norm folding is exercised
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-    return model.eval()
+tiny = tiny_llama
 
 
 def hf_model(cfg: dict, seed=0, **extra):

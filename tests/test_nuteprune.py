@@ -6,16 +6,12 @@ import torch
 
 import llama
 import nuteprune as npr
+from conftest import GQA, MHA, tiny_llama
 from llama import Masks
 
 
-MHA = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=48, vocab_size=64, max_seq_len=64)
-GQA = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=64, max_seq_len=64)
-
-
 def tiny(seed=0, lora=True, **kw):
-    torch.manual_seed(seed)
-    model = llama.Llama(llama.LlamaConfig(**kw)).eval()
+    model = tiny_llama(seed, **kw)
     for p in model.parameters():
         p.requires_grad_(False)
     if lora:
@@ -35,7 +31,7 @@ def random_binary_masks(cfg, seed) -> Masks:
     hidden[0] = 1
     return Masks(head, inter, hidden)
 
-# -- hard-concrete gates (§2) ------------------------------------------------------------------------------------
+# -- hard-concrete gates (METHOD.md §2) ------------------------------------------------------------------------------------
 
 
 def test_sampled_gates_match_analytic_expectation():
@@ -72,7 +68,7 @@ def test_gates_init_and_clamp():
     for g in (gates.head, gates.intermediate, gates.hidden):
         assert g.log_alpha.max() <= npr.LOG_ALPHA_MAX + 1e-6
 
-# -- expected sparsity (§3) ------------------------------------------------------------------------------------
+# -- expected sparsity (METHOD.md §3) ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("cfg", [MHA, GQA], ids=["mha", "gqa"])
@@ -91,7 +87,8 @@ def test_expected_sparsity_is_the_mean_over_sampled_binary_masks():
     # independent Bernoulli(P) units: the mean exact sparsity of samples converges to Eq. 3 with the GQA K/V term
     cfg = llama.LlamaConfig(**GQA)
     g = torch.Generator().manual_seed(0)
-    p = Masks(torch.rand(2, 4, generator=g), torch.rand(2, 48, generator=g), torch.rand(32, generator=g))
+    p = Masks(torch.rand(cfg.n_layers, cfg.n_heads, generator=g), torch.rand(cfg.n_layers, cfg.ffn_dim, generator=g),
+              torch.rand(cfg.dim, generator=g))
     draws = [float(npr.expected_sparsity(Masks(*(torch.bernoulli(t, generator=g) for t in npr.mask_tensors(p))), cfg))
              for _ in range(4000)]
     mean, se = sum(draws) / len(draws), torch.tensor(draws).std().item() / math.sqrt(len(draws))
@@ -141,7 +138,7 @@ def test_final_masks_keep_the_reference_rule_when_it_is_on_target():
     masks = npr.final_masks(gates, cfg, s + 0.004)
     assert all(torch.equal(a, b) for a, b in zip(npr.mask_tensors(masks), npr.mask_tensors(reference)))
 
-# -- Lagrangian and schedules (§4) -------------------------------------------------------------------------------
+# -- Lagrangian and schedules (METHOD.md §4) -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("offset", [-0.1, 0.1])
@@ -172,7 +169,7 @@ def test_batch_order_is_a_pure_function_of_step():
     assert torch.equal(npr.batch_indices(1, n, bs, seed=7), npr.batch_indices(1, n, bs, seed=7))
     assert not torch.equal(epoch0, torch.cat([npr.batch_indices(s, n, bs, seed=7) for s in range(3, 6)]))
 
-# -- teachers (§6) -----------------------------------------------------------------------------------------------
+# -- teachers (METHOD.md §6) -----------------------------------------------------------------------------------------------
 
 
 def levels(teacher):
@@ -215,7 +212,7 @@ def test_teacher_swap_restores_the_student_even_when_the_forward_raises():
     with torch.no_grad():
         torch.testing.assert_close(intact, plain(idx), atol=1e-6, rtol=0)
 
-# -- losses (§5) -------------------------------------------------------------------------------------------------
+# -- losses (METHOD.md §5) -------------------------------------------------------------------------------------------------
 
 
 def test_kd_loss_is_batchmean_kl_times_t_squared():
