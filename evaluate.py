@@ -46,6 +46,25 @@ HEADERS = {"wikitext2": "WikiText2", "ptb": "PTB", "boolq": "BoolQ", "piqa": "PI
            "mmlu": "MMLU"}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`error: <what is wrong> (see PROG --help)` on stderr, exit status 2) instead of
+    the usage block, and help that shows each default where there is one. Every command of the project uses it."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=_DefaultsHelp, **kw)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+class _DefaultsHelp(argparse.HelpFormatter):
+    # like ArgumentDefaultsHelpFormatter, without "(default: None)" on flags that have no default
+    def _get_help_string(self, action):
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
 def default_paths(data_dir) -> dict[str, Path]:
     d = Path(data_dir)
     paths = {t: d / "tasks" / f"{t}.jsonl" for t in ZERO_SHOT}
@@ -554,7 +573,7 @@ def load_for_eval(ckpt, tokenizer=None, device="cpu", dtype=torch.float32):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", required=True,
                     help="checkpoint (HF/Meta dir, llama2.c .bin, exported pruned model) or nuteprune output dir")
     ap.add_argument("--tokenizer", default=None, help="SentencePiece model; default: beside the checkpoint")

@@ -760,9 +760,9 @@ def setup(c: RunConfig, saved: dict | None) -> tuple[Trainer, llama.Tokenizer, R
 def run(c: RunConfig, resume: bool = False) -> dict:
     out = Path(c.out)
     saved = load_state(out) if resume else None
-    out.mkdir(parents=True, exist_ok=True)
     t, tok, st = setup(c, saved)
     blocks, heldout, examples = read_data(c, tok)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed start leaves no folder behind
     sched = Schedule.of(c, len(blocks), len(examples))
     if saved is not None:
         set_rng_state(saved["rng"])
@@ -805,18 +805,9 @@ def truncate_log(path: Path, step: int, ft_step: int):
 # command line
 
 
-class _DefaultsHelp(argparse.HelpFormatter):
-    # like ArgumentDefaultsHelpFormatter, without "(default: None)" on flags that have no default
-    def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in action.help:
-            return action.help
-        return action.help + " (default: %(default)s)"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="NutePrune: prune a LLaMA checkpoint to a target sparsity by "
-                                "progressive distillation (defaults: the paper's recipe).",
-                                formatter_class=_DefaultsHelp)
+    p = evaluate.Parser(description="NutePrune: prune a LLaMA checkpoint to a target sparsity by "
+                                "progressive distillation (defaults: the paper's recipe).")
     d = {f.name: f.default for f in fields(RunConfig)}  # one source of defaults: RunConfig
     g = p.add_argument_group("run")
     g.add_argument("--ckpt", help="base model: HF directory, Meta directory, llama2.c .bin, or demo (built by demo.py)")

@@ -183,3 +183,26 @@ def test_ckpt_demo_fills_paths_and_budget(files, monkeypatch):
     assert a.batch_size == 4  # given on the command line
     c, _ = npr.parse_args(["--ckpt", str(files / "model"), "--target", "0.5", "--data", str(files / "corpus.txt")])
     assert c.max_steps is None
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("nuteprune.py", ["--ckpt", "demo", "--target", "50%"]),  # argparse's own error, before the demo is built
+    ("nuteprune.py", ["--ckpt", "demo", "--target", "50"]),  # our check, before the demo is built
+    ("nuteprune.py", ["--ckpt", "demo", "--target", "0.5", "--distill", "pk"]),
+    ("evaluate.py", ["--ckpt", "x", "--limit", "ten"]),
+])
+def test_malformed_flags_print_one_line(command, argv, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / command), *argv], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path, env={**os.environ, "NUTEPRUNE_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written: no demo build, no output folder
+
+
+def test_a_failed_start_leaves_no_output_folder(files, tmp_path, capsys):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{}")  # a checkpoint directory with a broken config
+    with pytest.raises(SystemExit):
+        npr.main(args(files, tmp_path / "out") + ["--ckpt", str(tmp_path / "bad")])
+    assert not (tmp_path / "out").exists()
