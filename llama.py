@@ -580,6 +580,35 @@ def _llama2c_bin(path: Path) -> tuple[LlamaConfig, dict]:
     return cfg, state
 
 
+def check_checkpoint(path) -> LlamaConfig | None:
+    """Cheap checks that path is a checkpoint read_checkpoint can load, reading no weights: the config (None for a
+    Meta directory, whose sizes live in the weights) or a ValueError naming what is missing."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"checkpoint {p} does not exist")
+    if p.is_dir() and (p / "config.json").is_file():
+        try:
+            cfg = LlamaConfig.from_hf(json.loads((p / "config.json").read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{p / 'config.json'}: not a LLaMA config ({type(e).__name__}: {e})") from None
+        names = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin")
+        if not any((p / n).is_file() for n in names):
+            raise ValueError(f"{p}: config.json found but no weights (model.safetensors, pytorch_model.bin or a "
+                             f"shard index); is this the right directory?")
+        return cfg
+    if p.is_dir() and (p / "params.json").is_file():
+        if not any(p.glob("consolidated.*.pth")):
+            raise ValueError(f"{p}: params.json found but no consolidated.*.pth weights")
+        return None
+    if p.is_file() and p.suffix == ".bin":
+        with open(p, "rb") as f:
+            if len(f.read(28)) < 28:
+                raise ValueError(f"{p}: too short to be a llama2.c checkpoint")
+        return None
+    raise ValueError(f"{p}: unknown checkpoint format; expected an HF directory (config.json + *.safetensors/*.bin), "
+                     "a Meta directory (params.json + consolidated.*.pth) or a llama2.c .bin file")
+
+
 def read_checkpoint(path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     p = Path(path)
     if not p.exists():

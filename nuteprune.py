@@ -15,10 +15,16 @@ in the order of the paper's algorithm.
 from __future__ import annotations
 
 import argparse
+import copy
+import fcntl
 import json
 import math
+import os
 import random
+import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -440,6 +446,8 @@ class RunState:
     prune_lora: dict | None = None  # the pruning LoRA, once pruning has ended
     ppl_before: float | None = None
     wall: float = 0.0  # seconds spent by earlier processes of this run
+    fit: dict | None = None  # how far the trained masks were from the target when pruning ended (end_pruning)
+    resumes: list[dict] = field(default_factory=list)  # each --resume: where, and the flags it changed
     t_start: float = field(default_factory=time.time)  # this process
 
     def elapsed(self) -> float:
@@ -457,7 +465,7 @@ class RunState:
             "snapshots": [{"level": s.level, "sparsity": s.sparsity, "masks": masks_dict(s.masks), "lora": s.lora}
                           for s in self.snapshots],
             "final_masks": masks_dict(self.final), "rng": rng_state(), "ppl_before": self.ppl_before,
-            "wall": self.elapsed()}
+            "wall": self.elapsed(), "fit": self.fit, "resumes": self.resumes}
         # atomic: a kill leaves the previous checkpoint or the new one, never half
         llama.atomic_write(out / "state.pt", lambda p: torch.save(state, p))
 
@@ -466,14 +474,24 @@ class RunState:
         snapshots = [Snapshot(x["level"], x["sparsity"], Masks(**x["masks"]), x["lora"]) for x in s["snapshots"]]
         final = None if s["final_masks"] is None else Masks(**s["final_masks"])
         return cls(s["phase"], s["step"], s["ft_step"], s["stage2_start"], snapshots, final, s["lora"],
-                   s["ppl_before"], s["wall"])
+                   s["ppl_before"], s["wall"], s.get("fit"), s.get("resumes", []))
+
+
+STATE_KEYS = ("phase", "step", "ft_step", "stage2_start", "gates", "optimizer", "lora", "ft_lora", "snapshots",
+              "final_masks", "rng")
 
 
 def load_state(out) -> dict:
     path = Path(out) / "state.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: not a nuteprune output directory")
-    s = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        s = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt or not a torch file: whatever torch raises, the user's answer is one
+        raise ValueError(f"{path} is not a readable nuteprune checkpoint ({type(e).__name__}); it may be truncated "
+                         f"or from another program. Nothing was changed in {out}") from None
+    if not isinstance(s, dict) or not all(k in s for k in STATE_KEYS) or not ("config" in s or "args" in s):
+        raise ValueError(f"{path} is not a nuteprune checkpoint (keys missing). Nothing was changed in {out}")
     s.setdefault("config", s.get("args"))  # checkpoints written before RunConfig stored the flags as "args"
     return s
 
@@ -555,7 +573,7 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, lrs: dict[str, float]):
         group["lr"] = lrs[group["name"]]
 
 
-def prune(t: Trainer, st: RunState, blocks: torch.Tensor, sched: Schedule, log, save: Callable):
+def prune(t: Trainer, st: RunState, blocks: torch.Tensor, sched: Schedule, log, ckpt: Checkpointer):
     """Masks (Eq. 4) and LoRA learn from the teachers (Eq. 7-11) under the sparsity Lagrangian (Eq. 5)."""
     c, gates, cfg = t.c, t.gates, t.model.config
     t.model.train()  # LLaMA has no dropout: this only lets gradient checkpointing act
@@ -585,15 +603,15 @@ def prune(t: Trainer, st: RunState, blocks: torch.Tensor, sched: Schedule, log, 
                            "teacher_sparsity": 0.0 if teacher is None else teacher.sparsity,
                            "lr_lora": lrs["lora"] if t.lora_params else 0.0, "lr_mask": lrs["log_alpha"],
                            "lr_lambda": lrs["lambda"]})
-        if st.step % c.save_every == 0 and st.step < sched.total_steps:
-            save()
         bar.update(st.step)
+        ckpt.step_done(t, st.step, sched.total_steps)
     bar.close()
 
 
 def end_pruning(t: Trainer, st: RunState) -> Trainer:
     """Final deterministic masks within tolerance of the target (METHOD.md §2); with post fine-tuning, its LoRA and optimizer."""
     st.final = final_masks(t.gates, t.model.config, t.c.target, t.c.tolerance)
+    st.fit = mask_fit(t.gates, st.final, t.model.config, t.c)
     st.prune_lora = cpu_lora(t.model)
     st.phase = "finetune" if t.c.ft_data else "done"
     if t.c.ft_data:
@@ -601,11 +619,32 @@ def end_pruning(t: Trainer, st: RunState) -> Trainer:
         t = replace(t, optimizer=finetune_optimizer(t.lora_params))
     return t
 
+def mask_fit(gates: Gates, final: Masks, cfg: llama.LlamaConfig, c: RunConfig) -> dict:
+    """Whether the masks learned the target: the expected sparsity at the end, the sparsity of the trained
+    deterministic masks, how many units the final masks moved away from those, and a warning when either sparsity is
+    more than FIT_WARN from the target (the final masks then forced the target, e.g. after too few steps)."""
+    with torch.no_grad():
+        at_end = float(expected_sparsity(gates.prob_nonzero(), cfg))
+        trained = gates.deterministic()
+        s_trained = float(expected_sparsity(trained, cfg))
+    moved = {g: int((getattr(final, g) != getattr(trained, g)).sum()) for g in ("head", "intermediate", "hidden")}
+    warning = None
+    if max(abs(at_end - c.target), abs(s_trained - c.target)) > FIT_WARN:
+        warning = (f"the masks did not learn the target {c.target}: expected sparsity at the end {at_end:.4f}, trained "
+                   f"deterministic masks {s_trained:.4f}; the final masks moved {sum(moved.values())} units "
+                   f"({moved['head']} heads, {moved['intermediate']} FFN channels, {moved['hidden']} hidden dims) to "
+                   f"reach it. Prune longer (--epochs, --max-steps) or raise --lr-lambda")
+    return {"expected_sparsity_at_end": at_end, "trained_masks_sparsity": s_trained, "final_masks_moved": moved,
+            "warning": warning}
+
+
+FIT_WARN = 0.02  # 2 percentage points
+
 # -----------------------------------------------------------------------------
 # post fine-tuning (METHOD.md §7): masks fixed, LoRA on every projection, cross-entropy on the responses only
 
 
-def finetune(t: Trainer, st: RunState, examples: list, sched: Schedule, pad_id: int, log, save: Callable):
+def finetune(t: Trainer, st: RunState, examples: list, sched: Schedule, pad_id: int, log, ckpt: Checkpointer):
     c, device = t.c, t.gates.lambda_1.device
     lora_params = t.lora_params
     final = st.final.to(device)
@@ -629,9 +668,8 @@ def finetune(t: Trainer, st: RunState, examples: list, sched: Schedule, pad_id: 
         st.ft_step += 1
         if st.ft_step % c.log_every == 0 or st.ft_step == sched.ft_total:
             log_line(log, {"phase": "finetune", "step": st.ft_step, "loss": loss_value, "lr_lora": lr})
-        if st.ft_step % c.save_every == 0 and st.ft_step < sched.ft_total:
-            save()
         bar.update(st.ft_step)
+        ckpt.step_done(t, st.ft_step, sched.ft_total)
     bar.close()
 
 # -----------------------------------------------------------------------------
@@ -687,7 +725,7 @@ def export_and_report(t: Trainer, st: RunState, out: Path, tok: llama.Tokenizer,
         "ppl_after": heldout_ppl(pruned, heldout, c, t.autocast),
         "steps": st.step, "ft_steps": st.ft_step, "snapshots": len(st.snapshots), "stage2_start": st.stage2_start,
         "lambda_1": t.gates.lambda_1.item(), "lambda_2": t.gates.lambda_2.item(),
-        "wall_time_s": st.elapsed(), "args": asdict(c)}
+        **(st.fit or {}), "resumes": st.resumes, "wall_time_s": st.elapsed(), "args": asdict(c)}
     llama.atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2)))
     print_summary(report, out)
     return report
@@ -700,6 +738,81 @@ def print_summary(r: dict, out: Path):
           f"{'pruned':8}{r['params_pruned'] / 1e6:9.3f}M{r['prunable_pruned'] / 1e6:9.3f}M{ppl(r['ppl_after']):>14}\n"
           f"sparsity {r['sparsity']:.4f} of prunable weights (target {r['target']}), {r['sparsity_total']:.4f} "
           f"of all; {evaluate.hms(r['wall_time_s'])}; model in {out / 'pruned'}, report in {out / 'report.json'}")
+    if r.get("warning"):
+        print(f"warning: {r['warning']}")
+
+# -----------------------------------------------------------------------------
+# run safety: one process per output folder, checkpoints, and a graceful stop on SIGTERM / SIGINT
+
+RUN_FILES = ("state.pt", "report.json", "pruned", "log.jsonl")  # what a run writes into --out (--overwrite removes)
+
+
+class Stopped(Exception):
+    """A stop signal arrived; the run saved its checkpoint after the step it was in."""
+
+    def __init__(self, signum: int, out: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after a checkpoint; continue with "
+                         f"python nuteprune.py --resume {out}")
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the run to stop after the current optimizer step; a second one
+    exits at once. Installed only in the main thread (signal handlers cannot be set elsewhere)."""
+
+    def __init__(self):
+        self.requested, self.old = None, {}
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            os._exit(128 + signum)  # the second signal: now, without a checkpoint
+        self.requested = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              f"(send it again to exit at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+@dataclass
+class Checkpointer:
+    """After every optimizer step: save every --save-every steps, and save and stop when a signal asked for it."""
+    out: Path
+    st: RunState
+    signals: StopSignals
+
+    def save(self, t: Trainer):
+        self.st.save(self.out, t)
+
+    def step_done(self, t: Trainer, step: int, total: int):
+        if self.signals.requested is not None:
+            self.save(t)
+            raise Stopped(self.signals.requested, self.out)
+        if step % t.c.save_every == 0 and step < total:
+            self.save(t)
+
+
+@contextmanager
+def out_lock(out: Path):
+    """An exclusive lock on OUT/.lock for the whole run: a second process on the same folder fails at once. The
+    kernel releases it when the process dies, so a killed run never leaves it stuck."""
+    f = open(out / ".lock", "a")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ValueError(f"another nuteprune process is running in {out}; wait for it or use another --out") \
+                from None
+        yield
+    finally:
+        f.close()  # releases the lock
+
 
 # -----------------------------------------------------------------------------
 # the run: setup, then Algorithm 1 (pruning with progressive teachers), post fine-tuning, export
@@ -757,29 +870,44 @@ def setup(c: RunConfig, saved: dict | None) -> tuple[Trainer, llama.Tokenizer, R
     return t, tok, st
 
 
-def run(c: RunConfig, resume: bool = False) -> dict:
+def run(c: RunConfig, start: str = "new") -> dict:
+    """start: new (OUT must not hold a run), resume (continue OUT's run from state.pt) or overwrite (start over)."""
     out = Path(c.out)
-    saved = load_state(out) if resume else None
+    saved = load_state(out) if start == "resume" else None
     t, tok, st = setup(c, saved)
     blocks, heldout, examples = read_data(c, tok)
-    out.mkdir(parents=True, exist_ok=True)  # only now: a failed start leaves no folder behind
     sched = Schedule.of(c, len(blocks), len(examples))
-    if saved is not None:
-        set_rng_state(saved["rng"])
-        truncate_log(out / "log.jsonl", st.step, st.ft_step)
-    else:
-        (out / "log.jsonl").unlink(missing_ok=True)
-        st.ppl_before = heldout_ppl(t.model, heldout, c, t.autocast)
-    with open(out / "log.jsonl", "a") as log:
-        if st.phase == "prune":
-            prune(t, st, blocks, sched, log, lambda: st.save(out, t))
-            t = end_pruning(t, st)
-            st.save(out, t)
-        if st.phase == "finetune":
-            finetune(t, st, examples, sched, max(tok.eos_id, 0), log, lambda: st.save(out, t))
-            st.phase = "done"
-            st.save(out, t)
-    return export_and_report(t, st, out, tok, heldout)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed start leaves no folder behind
+    with out_lock(out), StopSignals() as signals:
+        if saved is not None:
+            set_rng_state(saved["rng"])
+            st.resumes.append({"step": st.step, "ft_step": st.ft_step, "changed": resume_changes(saved, c)})
+            truncate_log(out / "log.jsonl", st.step, st.ft_step)
+        else:
+            remove_run(out, c, overwrite=start == "overwrite")
+            st.ppl_before = heldout_ppl(t.model, heldout, c, t.autocast)
+        ckpt = Checkpointer(out, st, signals)
+        with open(out / "log.jsonl", "a") as log:
+            if st.phase == "prune":
+                prune(t, st, blocks, sched, log, ckpt)
+                t = end_pruning(t, st)
+                ckpt.save(t)
+            if st.phase == "finetune":
+                finetune(t, st, examples, sched, max(tok.eos_id, 0), log, ckpt)
+                st.phase = "done"
+                ckpt.save(t)
+        return export_and_report(t, st, out, tok, heldout)
+
+
+def remove_run(out: Path, c: RunConfig, overwrite: bool):
+    """A new run never overwrites another silently: OUT must hold no run, unless --overwrite removes it."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not overwrite:  # checked in parse_args already; again here, under the lock
+        raise ValueError(f"{out} already holds a run ({', '.join(found)}); continue it with --resume {out}, or start "
+                         f"over with --overwrite")
+    for name in found:
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+
 
 # -----------------------------------------------------------------------------
 # console: one greppable line per logging step on stdout (the progress bar is evaluate.Progress, on stderr)
@@ -815,7 +943,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", help="SentencePiece model (default: beside --ckpt)")
     g.add_argument("--data", help="calibration text: C4 .json(l)(.gz) with a 'text' field, or plain text")
     g.add_argument("--out", default=d["out"], help="output directory: state.pt, log.jsonl, report.json, pruned/")
-    g.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its checkpoint (other flags ignored)")
+    g.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its checkpoint; flags given with it "
+                   "must match the run's, except --log-every, --save-every, --max-steps, --ft-max-steps, --device, "
+                   "--grad-ckpt, --cache-dir, which change")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that holds one, removing its state.pt, log.jsonl, report.json, "
+                   "pruned/")
     g.add_argument("--max-steps", type=int, help="cap the pruning steps; every schedule scales to the cap")
     g.add_argument("--seed", type=int, default=d["seed"], help="seed of initialisation, mask samples and data order")
     g.add_argument("--device", default=d["device"], help="torch device (auto: cuda when available, else cpu)")
@@ -871,22 +1004,74 @@ DEMO_DEFAULTS = dict(max_steps=240, block_size=256, batch_size=8, micro_batch_si
                      heldout_blocks=64, log_every=20, save_every=100)
 
 
-def check_paths(c: RunConfig):
-    """The files a run reads, checked before any is loaded (--ckpt demo is built after this check)."""
-    if c.ckpt != "demo" and not Path(c.ckpt).exists():
-        raise FileNotFoundError(f"--ckpt {c.ckpt} does not exist")
+def check_paths(c: RunConfig, start: str):
+    """Every file and folder a run reads or writes, checked before any is loaded (--ckpt demo is built after it)."""
+    if c.ckpt != "demo":
+        llama.check_checkpoint(c.ckpt)
     for flag, path in (("--tokenizer", c.tokenizer), ("--data", c.data), ("--heldout", c.heldout),
                        ("--ft-data", c.ft_data)):
         if path is not None:
             data.check_file(path, flag)
+    out = Path(c.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory")
+    found = [name for name in RUN_FILES[:3] if (out / name).exists()]
+    if found and start == "new":
+        raise ValueError(f"{out} already holds a run ({', '.join(found)}); continue it with --resume {out}, or start "
+                         f"over with --overwrite")
 
 
-def parse_args(argv=None) -> tuple[RunConfig, bool]:
-    """(the run's configuration, whether it resumes): every flag and path checked before any work."""
+# Flags that --resume OUT may change: they alter no result (or, for the step caps, extend or shorten what is left)
+RESUMABLE = ("log_every", "save_every", "max_steps", "ft_max_steps", "device", "grad_ckpt", "cache_dir")
+PATH_FLAGS = ("ckpt", "tokenizer", "data", "heldout", "ft_data")
+
+
+def given_flags(parser: argparse.ArgumentParser, argv) -> dict:
+    """The flags written on the command line (not their defaults), by RunConfig field name."""
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return vars(quiet.parse_args(argv))
+
+
+def resume_config(parser, argv, out: str) -> RunConfig:
+    """The saved run's configuration with the flags given beside --resume applied: RESUMABLE ones change, any other
+    must equal the saved value (a one-line error otherwise)."""
+    s = load_state(out)
+    saved = RunConfig.from_dict({**s["config"], "out": out})
+    given = {k: v for k, v in given_flags(parser, argv).items() if k not in ("resume", "out")}
+    changes = {}
+    for k, v in given.items():
+        old = getattr(saved, k)
+        same = (v is not None and old is not None and Path(v).resolve() == Path(old).resolve()) \
+            if k in PATH_FLAGS else v == old
+        if same:
+            continue
+        if k not in RESUMABLE:
+            raise ValueError(f"--{k.replace('_', '-')} {v} differs from the run's {old}: it cannot change on --resume "
+                             f"(these can: {', '.join('--' + r.replace('_', '-') for r in RESUMABLE)})")
+        changes[k] = v
+    if "max_steps" in changes and (s["phase"] != "prune" or (changes["max_steps"] or 0) < s["step"]):
+        raise ValueError(f"--max-steps {changes['max_steps']}: pruning is at step {s['step']} ({s['phase']}); a new "
+                         f"cap must lie beyond it and pruning must not have ended")
+    if "ft_max_steps" in changes and (changes["ft_max_steps"] or 0) < s["ft_step"]:
+        raise ValueError(f"--ft-max-steps {changes['ft_max_steps']} lies before post fine-tuning step {s['ft_step']}")
+    return replace(saved, **changes)
+
+
+def resume_changes(saved: dict, c: RunConfig) -> dict:
+    return {k: [saved["config"].get(k), getattr(c, k)] for k in RESUMABLE if saved["config"].get(k) != getattr(c, k)}
+
+
+def parse_args(argv=None) -> tuple[RunConfig, str]:
+    """(the run's configuration, how it starts: new, resume or overwrite): every flag and path checked before any
+    work."""
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.resume:
-        return RunConfig.from_dict({**load_state(a.resume)["config"], "out": a.resume}), True
+        if a.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
+        return resume_config(parser, argv, a.resume), "resume"
     if a.ckpt == "demo":
         parser.set_defaults(**DEMO_DEFAULTS)
         a = parser.parse_args(argv)
@@ -894,18 +1079,24 @@ def parse_args(argv=None) -> tuple[RunConfig, bool]:
         if getattr(a, name) is None:
             raise ValueError(f"--{name} is required (or --resume OUT)")
     c = RunConfig(**{f.name: getattr(a, f.name) for f in fields(RunConfig)})  # checks every value
-    check_paths(c)
+    if c.ft_data is None and c.ft_max_steps is not None:
+        raise ValueError("--ft-max-steps needs --ft-data (post fine-tuning runs only with an Alpaca file)")
+    start = "overwrite" if a.overwrite else "new"
+    check_paths(c, start)
     if c.ckpt == "demo":
         import demo  # only here: building the demo model needs nothing else
         paths = demo.ensure_demo(Path(c.cache_dir) / "demo" if c.cache_dir else None)
         c = replace(c, ckpt=paths["ckpt"], tokenizer=c.tokenizer or paths["tokenizer"],
                     data=c.data or paths["train_text"], heldout=c.heldout or paths["heldout_text"])
-    return c, False
+    return c, start
 
 
 def main(argv=None):
     try:
         run(*parse_args(argv))
+    except Stopped as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(e.exit_code)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -11,47 +11,7 @@ import torch
 
 import llama
 import nuteprune as npr
-from conftest import ROOT
-
-
-WORDS = ("the a little big red blue cat dog bird tree house sun moon ran jumped sat saw found happy sad and then "
-         "with to in on was it she he they played day night friend home ball park").split()
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A tiny GQA model with its own SentencePiece tokenizer, a text corpus and an Alpaca file."""
-    spm = pytest.importorskip("sentencepiece")
-    d = tmp_path_factory.mktemp("tiny")
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 40))) + "." for _ in range(150)]
-    (d / "corpus.txt").write_text("\n\n".join(docs))
-    spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "tok"), vocab_size=64,
-                                   model_type="bpe", character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0,
-                                   pad_id=-1, minloglevel=2)
-    torch.manual_seed(0)
-    model = llama.Llama(llama.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=64,
-                                          max_seq_len=256))
-    llama.save_model(model, d / "model", tokenizer_path=d / "tok.model")
-    alpaca = [{"instruction": f"Tell me about the {rng.choice(WORDS)}.", "input": rng.choice(["", "a dog"]),
-               "output": " ".join(rng.choice(WORDS) for _ in range(8))} for _ in range(12)]
-    (d / "alpaca.json").write_text(json.dumps(alpaca))
-    return d
-
-
-def args(files, out, *extra):
-    return ["--ckpt", str(files / "model"), "--data", str(files / "corpus.txt"), "--target", "0.5", "--out", str(out),
-            "--block-size", "32", "--batch-size", "4", "--micro-batch-size", "2", "--heldout-blocks", "4",
-            "--max-steps", "12", "--log-every", "2", "--save-every", "2", "--warmup-epochs", "3", "--lr-mask", "1",
-            "--lr-lambda", "1", "--gap", "0.04", "--interval", "0.02", "--cache-dir", str(files / "cache"),
-            "--device", "cpu", *extra]  # fast masks: 12 steps cross every snapshot level and reach stage 2
-
-
-FT = ("--ft-data", "alpaca.json", "--ft-max-steps", "4", "--ft-batch-size", "4", "--ft-max-len", "256")
-
-
-def ft(files):
-    return [str(files / a) if a == "alpaca.json" else a for a in FT]
+from conftest import ROOT, args, ft
 
 
 def test_smoke_whole_command(files, tmp_path):
@@ -176,7 +136,7 @@ def test_ckpt_demo_fills_paths_and_budget(files, monkeypatch):
              "train_text": str(files / "corpus.txt"), "heldout_text": str(files / "corpus.txt")}
     monkeypatch.setattr(demo, "ensure_demo", lambda cache_dir=None: paths)  # the real build takes ~2 minutes
     a, resume = npr.parse_args(["--ckpt", "demo", "--target", "0.5", "--batch-size", "4"])
-    assert not resume
+    assert resume == "new"
     assert (a.ckpt, a.tokenizer, a.data, a.heldout) == (paths["ckpt"], paths["tokenizer"], paths["train_text"],
                                                         paths["heldout_text"])
     assert a.max_steps == npr.DEMO_DEFAULTS["max_steps"] and a.block_size == npr.DEMO_DEFAULTS["block_size"]
