@@ -236,27 +236,28 @@ def student_loss(model: llama.Llama, idx: torch.Tensor, z: Masks, teacher: Snaps
 
 @dataclass
 class Snapshot:
-    level: int  # taken when the student's expected sparsity first crossed level * interval
+    level: int  # the student's expected sparsity first crossed level * interval at the step this was taken
     sparsity: float  # exact sparsity of its deterministic masks
     masks: Masks  # deterministic, on the CPU
     lora: dict[str, torch.Tensor]  # copies of the student's LoRA, on the CPU ({} without LoRA)
 
 
 def pick_teacher(step: int, snapshots: list[Snapshot], stage2_start: int | None, total_steps: int,
-                 gap: int) -> Snapshot | None:
-    """The teacher of a step; None is the intact model. snapshots[k - 1] has level k; gap is in levels.
+                 gap: int, top: int) -> Snapshot | None:
+    """The teacher of a step (Eq. 10-11); None is the intact model. gap = g / i and top = floor((target - g) / i), in
+    snapshot levels (METHOD.md §6).
 
-    Stage 1 (before the target is reached): with k snapshots the teacher is snapshot k - gap + 1 (the reference's
-    recorded[-gap]), the intact model until it exists. Stage 2: the remaining steps are split into k + 1 equal parts;
-    part p is taught by snapshot k - gap + 1 - p, stepping down to level 1, and the intact model teaches the parts
-    after it (the reference skips the gap - 1 snapshots nearest the target, so the intact model's share is
-    gap / (k + 1)).
+    Stage 1 (before the target is reached): the student has crossed level k (its newest snapshot); the teacher is the
+    newest snapshot at level <= k - gap, so between g and g + i sparser than the student, and the intact model while
+    there is none (a student below g + i). Stage 2: the snapshots at levels <= top, newest first, then the intact
+    model, each teach an equal share of the remaining steps.
     """
-    k = len(snapshots)
-    level = k - gap + 1
-    if stage2_start is not None and step >= stage2_start:
-        level -= min(k, (step - stage2_start) * (k + 1) // max(total_steps - stage2_start, 1))
-    return snapshots[level - 1] if level >= 1 else None
+    if stage2_start is None or step < stage2_start:
+        want = snapshots[-1].level - gap if snapshots else 0
+        return next((s for s in reversed(snapshots) if s.level <= want), None)
+    teachers = [s for s in reversed(snapshots) if s.level <= top] + [None]
+    part = (step - stage2_start) * len(teachers) // max(total_steps - stage2_start, 1)
+    return teachers[min(part, len(teachers) - 1)]
 
 
 @contextmanager
@@ -282,12 +283,13 @@ def cpu_lora(model: llama.Llama) -> dict[str, torch.Tensor]:
 
 def take_snapshots(snapshots: list[Snapshot], gates: Gates, model: llama.Llama, cfg: llama.LlamaConfig,
                    now: float, interval: float, n_levels: int):
-    """Append the student's (deterministic masks, LoRA) for every level k * interval that `now` has crossed."""
-    if len(snapshots) < n_levels and now >= (len(snapshots) + 1) * interval:
+    """A snapshot of the student (deterministic masks, LoRA) when `now` has crossed a new level k * interval below the
+    target; one per step, at the highest level crossed (levels jumped over in one step have none)."""
+    level = min(math.floor(now / interval + 1e-9), n_levels)
+    if level > (snapshots[-1].level if snapshots else 0):
         masks = gates.deterministic()
-        snap = Snapshot(0, float(expected_sparsity(masks, cfg)), masks.to("cpu"), cpu_lora(model))
-        while len(snapshots) < n_levels and now >= (len(snapshots) + 1) * interval:  # maybe several
-            snapshots.append(replace(snap, level=len(snapshots) + 1))
+        snapshots.append(Snapshot(level, float(expected_sparsity(masks, cfg)), masks.to("cpu"), cpu_lora(model)))
+
 
 # -----------------------------------------------------------------------------
 # the run's configuration: every flag of the command (defaults: the paper's recipe, METHOD.md §7)
@@ -371,8 +373,9 @@ class Schedule:
     total_steps: int
     warmup_steps: int
     ft_total: int
-    gap: int  # in snapshot levels
+    gap: int  # g / i, in snapshot levels
     n_levels: int  # snapshot levels below the target
+    stage2_top: int  # floor((target - g) / i): the first stage-2 teacher's level (Eq. 10-11 at the target)
 
     @classmethod
     def of(cls, c: RunConfig, n_blocks: int, n_examples: int) -> "Schedule":
@@ -381,7 +384,7 @@ class Schedule:
         ft_total = c.ft_epochs * (n_examples // c.ft_batch_size)
         ft_total = min(ft_total, c.ft_max_steps) if c.ft_max_steps else ft_total
         return cls(total, round(c.warmup_epochs / c.epochs * total), ft_total, round(c.gap / c.interval),
-                   math.ceil(c.target / c.interval - 1e-9) - 1)
+                   math.ceil(c.target / c.interval - 1e-9) - 1, math.floor((c.target - c.gap) / c.interval + 1e-9))
 
 # -----------------------------------------------------------------------------
 # what a run computes with, and the state that a checkpoint saves
@@ -579,8 +582,8 @@ def prune(t: Trainer, st: RunState, blocks: torch.Tensor, sched: Schedule, log, 
     t.model.train()  # LLaMA has no dropout: this only lets gradient checkpointing act
     bar = evaluate.Progress("prune", sched.total_steps, st.step)
     while st.step < sched.total_steps:
-        teacher = pick_teacher(st.step, st.snapshots, st.stage2_start, sched.total_steps, sched.gap) \
-            if c.distill == "pkd" else None
+        teacher = pick_teacher(st.step, st.snapshots, st.stage2_start, sched.total_steps, sched.gap,
+                               sched.stage2_top) if c.distill == "pkd" else None
         target = target_at(st.step, c.target, sched.warmup_steps)
         lrs = {"log_alpha": c.lr_mask, "lambda": c.lr_lambda, "lora": linear_decay(st.step, c.lr_lora, sched.total_steps)}
         set_learning_rates(t.optimizer, lrs)

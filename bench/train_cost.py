@@ -58,7 +58,7 @@ PRESETS = {"bench": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_di
            "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, vocab_size=32000)}
 MODES = ("plain", "floor", "kd", "pkd", "pkd_layer")
 LORA_TARGETS, LORA_RANK = ("q_proj", "v_proj"), 8
-KD_TEMP, TARGET, GAP = npr.RunConfig.kd_temp, 0.25, 10  # the command's temperature and gap (METHOD.md §5, §6)
+KD_TEMP, TARGET = npr.RunConfig.kd_temp, 0.25  # the command's temperature (METHOD.md §5)
 PAPER = {"kd_over_plain_time": 1.18, "layer_over_pkd_memory": 1.32, "snapshots_7b_40_mb": 728.0,
          "memory_gb": (27.7, 38.0)}
 GOALS = {"kd_over_plain_plus_floor": 1.05, "pkd_over_kd_time": 1.02, "pkd_extra_memory_frac": 0.01}
@@ -140,7 +140,8 @@ def train_step(s: Setup, idx: torch.Tensor, mode: str, marks: list) -> None:
         mark("teacher")
         return
     t = replace(s.trainer, c=replace(s.trainer.c, **MODE_FLAGS[mode]))
-    teacher = npr.pick_teacher(len(s.snapshots), s.snapshots, None, 10 ** 9, GAP) if mode.startswith("pkd") else None
+    # the oldest snapshot teaches (a gap of all but one level): the step is what any snapshot teacher costs
+    teacher = npr.pick_teacher(0, s.snapshots, None, 10 ** 9, len(s.snapshots) - 1, 0) if mode.startswith("pkd") else None
     npr.prune_step(t, idx, teacher, TARGET, mark)
 
 

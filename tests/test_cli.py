@@ -78,7 +78,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(files, tmp_path, m
     npr.main(["--resume", str(tmp_path / "b")])
 
     a, b = (torch.load(tmp_path / x / "state.pt", weights_only=True) for x in ("a", "b"))
-    assert len(a["snapshots"]) == 24 and a["stage2_start"] is not None  # the teachers' machinery was exercised
+    assert a["snapshots"][-1]["level"] == 24 and a["stage2_start"] is not None  # the teachers' machinery ran
     for group in ("head", "intermediate", "hidden"):
         assert torch.equal(a["final_masks"][group], b["final_masks"][group])
     for key in ("gates", "lora", "ft_lora"):

@@ -176,23 +176,40 @@ def levels(teacher):
     return 0 if teacher is None else teacher.level  # 0: the intact model
 
 
-@pytest.mark.parametrize("target, n", [(0.5, 49), (0.2, 19)])
-def test_teacher_schedule(target, n):
-    gap = round(0.10 / 0.01)
-    snaps = [npr.Snapshot(k, k / 100, None, {}) for k in range(1, n + 1)]  # 1 %, 2 %, ... below the target
-    # stage 1: the teacher trails the newest snapshot by the gap; the intact model until that snapshot exists
+@pytest.mark.parametrize("target, interval, gap", [(0.5, 0.01, 0.10), (0.2, 0.01, 0.10), (0.5, 0.10, 0.10),
+                                                  (0.5, 0.01, 0.05), (0.5, 0.01, 0.20)])
+def test_teacher_choice_follows_eq_10_11(target, interval, gap):
+    c = npr.RunConfig(ckpt="x", data="x", target=target, interval=interval, gap=gap)
+    sched = npr.Schedule.of(c, n_blocks=10_000 * c.batch_size, n_examples=0)
+    G, top, n = sched.gap, sched.stage2_top, sched.n_levels
+    snaps = [npr.Snapshot(k, k * interval, None, {}) for k in range(1, n + 1)]  # every level below the target
+    # stage 1: a student that has crossed level k has sparsity s in [k i, (k + 1) i); its teacher is between g and
+    # g + i sparser (Eq. 10), the intact model while s < g + i (Eq. 11)
     for k in range(n + 1):
-        assert levels(npr.pick_teacher(0, snaps[:k], None, 10_000, gap)) == (k - gap + 1 if k >= gap else 0)
-    # stage 2: n + 1 equal parts, stepping down from target - gap to 1 %, then the intact model
+        teacher = npr.pick_teacher(0, snaps[:k], None, 10_000, G, top)
+        for s in (k * interval, (k + 0.99) * interval):
+            if s < gap + interval - 1e-9:
+                assert teacher is None
+            else:
+                assert gap - 1e-9 <= s - teacher.level * interval < gap + interval - 1e-9
+    # stage 2 (the student at the target): the snapshots from target - g down to i, then the intact model, each an
+    # equal share of the remaining steps
+    assert gap - 1e-9 <= target - top * interval < gap + interval - 1e-9
     part, start = 7, 1000
-    total = start + part * (n + 1)
-    seq = [levels(npr.pick_teacher(s, snaps, start, total, gap)) for s in range(start, total)]
-    first = round((target - 0.10) * 100)
-    assert seq[0] == first
-    assert seq == sorted(seq, reverse=True)
-    assert all(seq.count(k) == part for k in range(1, first + 1))
-    assert seq[-1] == 0 and seq.count(0) / len(seq) == pytest.approx(gap / (n + 1))  # the intact model's final share
-    assert seq.count(0) == len(seq) - first * part  # snapshots above target - gap are never teachers
+    total = start + part * (top + 1)
+    seq = [levels(npr.pick_teacher(s, snaps, start, total, G, top)) for s in range(start, total)]
+    assert seq == [k for k in range(top, -1, -1) for _ in range(part)]  # ..., 1, then 0: the intact model
+    assert seq.count(0) / len(seq) == pytest.approx(1 / (top + 1))  # the intact model's final share
+
+
+def test_snapshots_one_per_step_at_the_highest_level_crossed():
+    cfg = llama.LlamaConfig(**GQA)
+    model, gates, snaps = tiny(**GQA), npr.Gates(cfg), []
+    for now in (0.005, 0.012, 0.013, 0.047, 0.051, 0.3):
+        npr.take_snapshots(snaps, gates, model, cfg, now, 0.01, n_levels=5)
+    assert [s.level for s in snaps] == [1, 4, 5]  # 0.047 jumps from 1 to 4: one snapshot; capped at n_levels
+    teacher = npr.pick_teacher(0, snaps, None, 100, gap=2, top=3)  # student at level 5: wants <= 3, gets 1
+    assert teacher.level == 1
 
 
 def test_teacher_swap_restores_the_student_even_when_the_forward_raises():
