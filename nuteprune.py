@@ -240,6 +240,7 @@ class Snapshot:
     sparsity: float  # exact sparsity of its deterministic masks
     masks: Masks  # deterministic, on the CPU
     lora: dict[str, torch.Tensor]  # copies of the student's LoRA, on the CPU ({} without LoRA)
+    step: int = 0  # the pruning step after which it was taken
 
 
 def pick_teacher(step: int, snapshots: list[Snapshot], stage2_start: int | None, total_steps: int,
@@ -282,13 +283,15 @@ def cpu_lora(model: llama.Llama) -> dict[str, torch.Tensor]:
 
 
 def take_snapshots(snapshots: list[Snapshot], gates: Gates, model: llama.Llama, cfg: llama.LlamaConfig,
-                   now: float, interval: float, n_levels: int):
+                   now: float, interval: float, n_levels: int, step: int = 0) -> Snapshot | None:
     """A snapshot of the student (deterministic masks, LoRA) when `now` has crossed a new level k * interval below the
-    target; one per step, at the highest level crossed (levels jumped over in one step have none)."""
+    target; one per step, at the highest level crossed (levels jumped over in one step have none). Returns it."""
     level = min(math.floor(now / interval + 1e-9), n_levels)
-    if level > (snapshots[-1].level if snapshots else 0):
-        masks = gates.deterministic()
-        snapshots.append(Snapshot(level, float(expected_sparsity(masks, cfg)), masks.to("cpu"), cpu_lora(model)))
+    if level <= (snapshots[-1].level if snapshots else 0):
+        return None
+    masks = gates.deterministic()
+    snapshots.append(Snapshot(level, float(expected_sparsity(masks, cfg)), masks.to("cpu"), cpu_lora(model), step))
+    return snapshots[-1]
 
 
 # -----------------------------------------------------------------------------
@@ -309,6 +312,7 @@ class RunConfig:
     grad_ckpt: bool | None = None  # None: on for GPU
     log_every: int = 10
     save_every: int = 500
+    eval_every: int = 0  # 0: never; else held-out perplexity of the student's deterministic masks every N steps
     tolerance: float = 0.005
     cache_dir: str | None = None
     n_docs: int = 20000
@@ -353,8 +357,9 @@ class RunConfig:
         for name in ("max_steps", "ft_max_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.heldout_blocks < 0:
-            raise ValueError(f"--heldout-blocks must be at least 0, got {self.heldout_blocks}")
+        if self.heldout_blocks < 0 or self.eval_every < 0:
+            raise ValueError(f"--heldout-blocks and --eval-every must be at least 0, got {self.heldout_blocks}, "
+                             f"{self.eval_every}")
         if self.distill not in ("pkd", "kd", "none"):
             raise ValueError(f"--distill must be pkd, kd or none, got {self.distill!r}")
         llama.parse_dtype(self.dtype, "cpu")  # names the valid values
@@ -465,8 +470,8 @@ class RunState:
             "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else None,
             "lora": current if self.phase == "prune" else self.prune_lora,
             "ft_lora": current if self.phase != "prune" and t.c.ft_data else None,
-            "snapshots": [{"level": s.level, "sparsity": s.sparsity, "masks": masks_dict(s.masks), "lora": s.lora}
-                          for s in self.snapshots],
+            "snapshots": [{"level": s.level, "sparsity": s.sparsity, "masks": masks_dict(s.masks), "lora": s.lora,
+                           "step": s.step} for s in self.snapshots],
             "final_masks": masks_dict(self.final), "rng": rng_state(), "ppl_before": self.ppl_before,
             "wall": self.elapsed(), "fit": self.fit, "resumes": self.resumes}
         # atomic: a kill leaves the previous checkpoint or the new one, never half
@@ -474,7 +479,8 @@ class RunState:
 
     @classmethod
     def from_saved(cls, s: dict) -> "RunState":
-        snapshots = [Snapshot(x["level"], x["sparsity"], Masks(**x["masks"]), x["lora"]) for x in s["snapshots"]]
+        snapshots = [Snapshot(x["level"], x["sparsity"], Masks(**x["masks"]), x["lora"], x.get("step", 0))
+                     for x in s["snapshots"]]
         final = None if s["final_masks"] is None else Masks(**s["final_masks"])
         return cls(s["phase"], s["step"], s["ft_step"], s["stage2_start"], snapshots, final, s["lora"],
                    s["ppl_before"], s["wall"], s.get("fit"), s.get("resumes", []))
@@ -576,7 +582,8 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, lrs: dict[str, float]):
         group["lr"] = lrs[group["name"]]
 
 
-def prune(t: Trainer, st: RunState, blocks: torch.Tensor, sched: Schedule, log, ckpt: Checkpointer):
+def prune(t: Trainer, st: RunState, blocks: torch.Tensor, heldout: torch.Tensor, sched: Schedule, log,
+          ckpt: Checkpointer):
     """Masks (Eq. 4) and LoRA learn from the teachers (Eq. 7-11) under the sparsity Lagrangian (Eq. 5)."""
     c, gates, cfg = t.c, t.gates, t.model.config
     t.model.train()  # LLaMA has no dropout: this only lets gradient checkpointing act
@@ -596,7 +603,11 @@ def prune(t: Trainer, st: RunState, blocks: torch.Tensor, sched: Schedule, log, 
         with torch.no_grad():
             now = float(expected_sparsity(gates.prob_nonzero(), cfg))
         if c.distill == "pkd" and st.stage2_start is None:
-            take_snapshots(st.snapshots, gates, t.model, cfg, now, c.interval, sched.n_levels)
+            snap = take_snapshots(st.snapshots, gates, t.model, cfg, now, c.interval, sched.n_levels, st.step)
+            if snap is not None:  # its perplexity is the student's now (the same masks and LoRA)
+                ppl = {"ppl": student_ppl(t, heldout, snap.masks)} if c.eval_every and len(heldout) else {}
+                log_line(log, {"phase": "snapshot", "step": st.step, "level": snap.level, "sparsity": snap.sparsity,
+                               **ppl})
             if now >= c.target:  # stage 2 from the first time the student reaches the target (reference)
                 st.stage2_start = st.step
         if st.step % c.log_every == 0 or st.step == sched.total_steps:
@@ -604,11 +615,22 @@ def prune(t: Trainer, st: RunState, blocks: torch.Tensor, sched: Schedule, log, 
                            "expected_sparsity": expected, "target": target,
                            "lambda_1": gates.lambda_1.item(), "lambda_2": gates.lambda_2.item(),
                            "teacher_sparsity": 0.0 if teacher is None else teacher.sparsity,
-                           "lr_lora": lrs["lora"] if t.lora_params else 0.0, "lr_mask": lrs["log_alpha"],
+                           "teacher_level": 0 if teacher is None else teacher.level, "lr_lora": lrs["lora"] if t.lora_params else 0.0, "lr_mask": lrs["log_alpha"],
                            "lr_lambda": lrs["lambda"]})
+        if c.eval_every and st.step % c.eval_every == 0 and len(heldout):
+            log_line(log, {"phase": "eval", "step": st.step, "expected_sparsity": now,
+                           "student_ppl": student_ppl(t, heldout, gates.deterministic())})
         bar.update(st.step)
         ckpt.step_done(t, st.step, sched.total_steps)
     bar.close()
+
+
+def student_ppl(t: Trainer, heldout: torch.Tensor, masks: Masks) -> float:
+    """Held-out perplexity of the model with the student's LoRA and the given (deterministic) masks."""
+    t.model.eval()
+    ppl = heldout_ppl(t.model, heldout, t.c, t.autocast, masks.to(t.gates.lambda_1.device))
+    t.model.train()
+    return ppl
 
 
 def end_pruning(t: Trainer, st: RunState) -> Trainer:
@@ -703,11 +725,12 @@ def prunable_tensors(model: llama.Llama) -> int:
                if n.endswith(".weight") and n.split(".")[-2] in PROJECTIONS)
 
 
-def heldout_ppl(model: llama.Llama, blocks: torch.Tensor, c: RunConfig, autocast=nullcontext) -> float | None:
+def heldout_ppl(model: llama.Llama, blocks: torch.Tensor, c: RunConfig, autocast=nullcontext,
+                masks: Masks | None = None) -> float | None:
     """exp(mean next-token cross-entropy) over the held-out blocks (N, T); None without any."""
     if not len(blocks):
         return None
-    return math.exp(evaluate.mean_nll(model, blocks, c.micro_batch_size, autocast=autocast))
+    return math.exp(evaluate.mean_nll(model, blocks, c.micro_batch_size, masks, autocast=autocast))
 
 
 def export_and_report(t: Trainer, st: RunState, out: Path, tok: llama.Tokenizer, heldout: torch.Tensor) -> dict:
@@ -892,7 +915,7 @@ def run(c: RunConfig, start: str = "new") -> dict:
         ckpt = Checkpointer(out, st, signals)
         with open(out / "log.jsonl", "a") as log:
             if st.phase == "prune":
-                prune(t, st, blocks, sched, log, ckpt)
+                prune(t, st, blocks, heldout, sched, log, ckpt)
                 t = end_pruning(t, st)
                 ckpt.save(t)
             if st.phase == "finetune":
@@ -929,7 +952,7 @@ def truncate_log(path: Path, step: int, ft_step: int):
     if not path.is_file():
         return
     keep = [ln for ln in path.read_text().splitlines()
-            if ln and json.loads(ln)["step"] <= (step if json.loads(ln)["phase"] == "prune" else ft_step)]
+            if ln and json.loads(ln)["step"] <= (ft_step if json.loads(ln)["phase"] == "finetune" else step)]
     path.write_text("".join(ln + "\n" for ln in keep))
 
 # -----------------------------------------------------------------------------
@@ -961,6 +984,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-layer gradient checkpointing (default: on for GPU)")
     g.add_argument("--log-every", type=int, default=d["log_every"], help="steps between log lines")
     g.add_argument("--save-every", type=int, default=d["save_every"], help="steps between checkpoints")
+    g.add_argument("--eval-every", type=int, default=d["eval_every"],
+                   help="steps between held-out perplexities of the student's deterministic masks in log.jsonl; also "
+                   "each snapshot teacher's (0: never)")
     g.add_argument("--tolerance", type=float, default=d["tolerance"], help="largest |final sparsity - target| accepted")
     g.add_argument("--cache-dir", help="token cache (default: $NUTEPRUNE_CACHE or ~/.cache/nuteprune)")
     g = p.add_argument_group("data and schedule (METHOD.md §7)")
@@ -1025,7 +1051,7 @@ def check_paths(c: RunConfig, start: str):
 
 
 # Flags that --resume OUT may change: they alter no result (or, for the step caps, extend or shorten what is left)
-RESUMABLE = ("log_every", "save_every", "max_steps", "ft_max_steps", "device", "grad_ckpt", "cache_dir")
+RESUMABLE = ("log_every", "save_every", "eval_every", "max_steps", "ft_max_steps", "device", "grad_ckpt", "cache_dir")
 PATH_FLAGS = ("ckpt", "tokenizer", "data", "heldout", "ft_data")
 
 

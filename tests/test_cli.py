@@ -166,3 +166,16 @@ def test_a_failed_start_leaves_no_output_folder(files, tmp_path, capsys):
     with pytest.raises(SystemExit):
         npr.main(args(files, tmp_path / "out") + ["--ckpt", str(tmp_path / "bad")])
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_every_logs_the_student_and_each_snapshot_teacher(files, tmp_path):
+    npr.main(args(files, tmp_path, "--eval-every", "4"))
+    lines = [json.loads(ln) for ln in (tmp_path / "log.jsonl").read_text().splitlines()]
+    evals = [ln for ln in lines if ln["phase"] == "eval"]
+    assert [ln["step"] for ln in evals] == [4, 8, 12] and all(ln["student_ppl"] > 1 for ln in evals)
+    snaps = [ln for ln in lines if ln["phase"] == "snapshot"]
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert [(s["level"], s["step"]) for s in snaps] == [(s["level"], s["step"]) for s in state["snapshots"]]
+    assert all(s["ppl"] > 1 for s in snaps)
+    taught = {ln["teacher_level"] for ln in lines if ln["phase"] == "prune"}
+    assert taught - {0} <= {s["level"] for s in snaps}
