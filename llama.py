@@ -110,7 +110,10 @@ class LlamaConfig:
              "hidden_act": "silu", "torch_dtype": "float32"}
         if self.rope_scaling:
             c["rope_scaling"] = self.rope_scaling
-        if not self.uniform:
+        if not self.uniform:  # not a plain Llama: transformers runs it with the remote code that save_model copies
+            c.update(architectures=["NutePruneLlamaForCausalLM"], model_type="nuteprune_llama",
+                     auto_map={"AutoConfig": "configuration_nuteprune.NutePruneLlamaConfig",
+                               "AutoModelForCausalLM": "modeling_nuteprune.NutePruneLlamaForCausalLM"})
             c["nuteprune"] = {"heads": self.heads, "kv_heads": self.kv_heads, "ffn": self.ffn, "kv_map": self.kv_map}
         return c
 
@@ -698,8 +701,12 @@ def atomic_write(path, write) -> None:
 
 
 
+HF_CODE = Path(__file__).resolve().parent / "hf"  # configuration_nuteprune.py, modeling_nuteprune.py
+
+
 def save_model(model: Llama, out_dir, tokenizer_path=None) -> None:
-    """HF-format directory: config.json + model.safetensors (+ tokenizer.model)."""
+    """HF-format directory: config.json + model.safetensors (+ tokenizer.model and tokenizer_config.json); a pruned
+    model also gets its transformers code, configuration_nuteprune.py + modeling_nuteprune.py (trust_remote_code)."""
     from safetensors.torch import save_file
     if lora_modules(model):
         raise ValueError("model still has LoRA adapters; call merge_lora(model) before saving")
@@ -711,9 +718,27 @@ def save_model(model: Llama, out_dir, tokenizer_path=None) -> None:
     hf = model.config.to_hf()
     hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    for name in ("configuration_nuteprune.py", "modeling_nuteprune.py"):  # the transformers code of a pruned model
+        if "auto_map" in hf:
+            atomic_write(out / name, lambda p: shutil.copyfile(HF_CODE / name, p))
+        elif (out / name).is_file():  # a stale copy from an earlier export into this folder
+            (out / name).unlink()
     atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(hf, indent=2)))
     if tokenizer_path:
         atomic_write(out / "tokenizer.model", lambda p: shutil.copyfile(tokenizer_path, p))
+        tok = json.dumps(_hf_tokenizer_config(tokenizer_path, model.config.max_seq_len), indent=2)
+        atomic_write(out / "tokenizer_config.json", lambda p: p.write_text(tok))
+
+
+def _hf_tokenizer_config(tokenizer_path, max_len: int) -> dict:
+    """What transformers' AutoTokenizer needs to read tokenizer.model (it cannot guess from a nuteprune model_type)."""
+    sp = Tokenizer(tokenizer_path).sp
+    c = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": True,
+         "model_max_length": max_len, "clean_up_tokenization_spaces": False}
+    for name, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id())):
+        if i >= 0:
+            c[name] = sp.IdToPiece(i)
+    return c
 
 
 def _weight(mod) -> torch.Tensor:  # effective fp32 weight: LoRA merged

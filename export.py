@@ -1,0 +1,285 @@
+"""Export a model for other runtimes: GGUF for llama.cpp (and llama-cpp-python), or a Hugging Face folder.
+
+    python export.py OUT/pruned --gguf model.gguf [--type f32|f16|q8_0] [--tokenizer tokenizer.model]
+    python export.py CKPT --hf DIR         # what export_pruned writes: transformers loads it (remote code if pruned)
+
+The input is anything llama.py reads (a pruned `OUT/pruned/`, an HF, Meta or llama2.c checkpoint); `gguf` (the
+official writer package, `pip install gguf`) is needed only for --gguf.
+
+llama.cpp runs a pruned model through its `deci` architecture (Nemotron-NAS), the one that reads per-layer head counts,
+K/V head counts and FFN widths. It cannot express everything our export produces, so the exporter pads, exactly
+(the output is unchanged), and reports what the padding cost:
+- uniform groups: llama.cpp maps query head q to K/V head q // (H / Hkv), so the query heads of each layer are sorted
+  by their K/V head and uneven groups are evened out by zero-output query heads (zero q rows and o columns) or by
+  duplicating a K/V head, whichever adds fewer parameters;
+- layer 0 must have a head (llama.cpp reads the head size from it): a zero-output head when it has none;
+- a layer whose FFN is skipped (width 0) also drops its attention output, and in the last layer the selection of
+  the output rows: width 1 with zero weights there.
+A model whose padded layers all have the same sizes is written as the plain `llama` architecture.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+import evaluate  # its Parser: one-line errors, as every command of the project
+import llama
+
+# -----------------------------------------------------------------------------
+# the GGUF layout of each layer (pure: sizes in, sizes out)
+
+
+@dataclass
+class LayerPlan:
+    q_src: list  # per GGUF query head: our query head it copies, or None (a zero-output head)
+    kv_src: list  # per GGUF K/V head: our K/V head it copies, or None (zero, for the head of an empty layer 0)
+    ffn: int  # GGUF FFN width (>= ours; extra channels are zero)
+    added: int  # parameters the padding adds
+
+
+def plan_layer(cfg: llama.LlamaConfig, i: int) -> LayerPlan:
+    D, dh, kv_map, f = cfg.dim, cfg.head_dim, cfg.kv_map[i], cfg.ffn[i]
+    head_cost = 2 * dh * D  # one query head: q rows + o columns; one K/V head: k rows + v rows
+    groups = {}  # our K/V head -> its query heads, in order
+    for q, k in enumerate(kv_map):
+        groups.setdefault(k, []).append(q)
+    if not kv_map:  # no attention; layer 0 still needs one head
+        q_src, kv_src = ([None], [None]) if i == 0 else ([], [])
+    else:
+        # group size g for every K/V head: a group of n queries becomes ceil(n / g) copies of its K/V head, each
+        # with g query heads (zero-output ones filling the last). g = max pads only, g = 1 duplicates only.
+        def size(g):
+            kv = sum(math.ceil(len(qs) / g) for qs in groups.values())
+            return kv * g + kv  # query heads + K/V heads, in units of head_cost
+
+        g = min(range(max(map(len, groups.values())), 0, -1), key=size)  # fewest added; ties: the larger g
+        q_src, kv_src = [], []
+        for k in sorted(groups):
+            qs = groups[k]
+            for start in range(0, len(qs), g):
+                chunk = qs[start:start + g]
+                q_src += chunk + [None] * (g - len(chunk))
+                kv_src.append(k)
+    last = i == cfg.n_layers - 1
+    ffn = 1 if f == 0 and (q_src or last) else f
+    added = (len(q_src) - cfg.heads[i] + len(kv_src) - cfg.kv_heads[i]) * head_cost + (ffn - f) * 3 * D
+    return LayerPlan(q_src, kv_src, ffn, added)
+
+
+def plan_gguf(cfg: llama.LlamaConfig) -> list[LayerPlan]:
+    return [plan_layer(cfg, i) for i in range(cfg.n_layers)]
+
+
+def padding_report(cfg: llama.LlamaConfig, plans: list[LayerPlan]) -> dict:
+    rows = [{"layer": i, "heads": [cfg.heads[i], len(p.q_src)], "kv_heads": [cfg.kv_heads[i], len(p.kv_src)],
+             "ffn": [cfg.ffn[i], p.ffn], "added_params": p.added} for i, p in enumerate(plans)]
+    added, total = sum(p.added for p in plans), llama.count_params(cfg)
+    return {"layers": rows, "added_params": added, "params": total, "added_fraction": added / total}
+
+
+def format_report(report: dict) -> str:
+    lines = ["layer | heads | K/V heads | FFN | added params"]
+    for r in report["layers"]:
+        h, kv, f = (f"{a}" if a == b else f"{a} -> {b}" for a, b in (r["heads"], r["kv_heads"], r["ffn"]))
+        lines.append(f"{r['layer']} | {h} | {kv} | {f} | {r['added_params']}")
+    lines.append(f"padding: {report['added_params']} parameters added to {report['params']} "
+                 f"({100 * report['added_fraction']:.2f}%)")
+    return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# tensors
+
+
+def to_interleaved(w: torch.Tensor, dh: int) -> torch.Tensor:
+    """q/k rows of each head from HF's rotate-half order (x_j pairs with x_{j+Dh/2}) to llama.cpp's adjacent pairs."""
+    return w.view(-1, 2, dh // 2, w.shape[-1]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(cfg: llama.LlamaConfig, state: dict, plans: list[LayerPlan]):
+    """(GGUF name, fp32 tensor in PyTorch's (out, in) shape), one at a time: a 7B model never sits in memory in fp32."""
+    D, dh = cfg.dim, cfg.head_dim
+    f32 = lambda key: state[key].float()  # noqa: E731
+    yield "token_embd.weight", f32("model.embed_tokens.weight")
+    yield "output_norm.weight", f32("model.norm.weight")
+    if not cfg.tie_embeddings:  # tied: llama.cpp reuses token_embd
+        yield "output.weight", f32("lm_head.weight")
+
+    def heads(w, src):  # (n * Dh, D) -> rows of the heads in src, zeros for None
+        blocks = w.view(w.shape[0] // dh, dh, w.shape[-1])
+        return torch.cat([blocks[s] if s is not None else blocks.new_zeros(dh, w.shape[-1]) for s in src])
+
+    for i, p in enumerate(plans):
+        src, dst = f"model.layers.{i}.", f"blk.{i}."
+        if p.q_src:
+            yield dst + "attn_norm.weight", f32(src + "input_layernorm.weight")
+            yield dst + "attn_q.weight", to_interleaved(heads(f32(src + "self_attn.q_proj.weight"), p.q_src), dh)
+            yield dst + "attn_k.weight", to_interleaved(heads(f32(src + "self_attn.k_proj.weight"), p.kv_src), dh)
+            yield dst + "attn_v.weight", heads(f32(src + "self_attn.v_proj.weight"), p.kv_src)
+            wo = f32(src + "self_attn.o_proj.weight")  # (D, H * Dh): its columns are per query head
+            yield dst + "attn_output.weight", heads(wo.T.contiguous(), p.q_src).T.contiguous()
+        if p.ffn:
+            pad = p.ffn - cfg.ffn[i]
+            yield dst + "ffn_norm.weight", f32(src + "post_attention_layernorm.weight")
+            yield dst + "ffn_gate.weight", torch.cat([f32(src + "mlp.gate_proj.weight"), torch.zeros(pad, D)])
+            yield dst + "ffn_up.weight", torch.cat([f32(src + "mlp.up_proj.weight"), torch.zeros(pad, D)])
+            yield dst + "ffn_down.weight", torch.cat([f32(src + "mlp.down_proj.weight"), torch.zeros(D, pad)], dim=1)
+
+# -----------------------------------------------------------------------------
+# writing
+
+
+def _vocab(tok: llama.Tokenizer, vocab_size: int):
+    """SentencePiece pieces, scores and token types (llama.cpp's numbering), padded to the model's vocabulary."""
+    import gguf
+    sp, tokens, scores, types = tok.sp, [], [], []
+    for i in range(vocab_size):
+        if i >= sp.vocab_size():
+            tokens.append(f"[PAD{i}]".encode())
+            scores.append(0.0)
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(sp.IdToPiece(i).encode("utf-8"))
+        scores.append(sp.GetScore(i))
+        types.append(gguf.TokenType.UNKNOWN if sp.IsUnknown(i) else gguf.TokenType.CONTROL if sp.IsControl(i)
+                     else gguf.TokenType.UNUSED if sp.IsUnused(i) else gguf.TokenType.BYTE if sp.IsByte(i)
+                     else gguf.TokenType.NORMAL)
+    return tokens, scores, types
+
+
+def _rope(w, cfg: llama.LlamaConfig) -> torch.Tensor | None:
+    """Writes RoPE keys; returns llama.cpp's per-frequency divisors for Llama-3.1 scaling (rope_freqs), else None."""
+    import gguf
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.head_dim)
+    kind = (cfg.rope_scaling or {}).get("rope_type", "default")
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
+    elif kind == "llama3":  # llama.cpp divides each default frequency by this factor
+        return llama.rope_inv_freq(replace(cfg, rope_scaling=None)) / llama.rope_inv_freq(cfg)
+    return None
+
+
+FILE_TYPES = ("f32", "f16", "q8_0")
+
+
+def _encode(t: torch.Tensor, ftype: str):
+    """(array, raw_dtype) for the writer: 1-D tensors stay f32; q8_0 needs rows that are whole blocks of 32."""
+    import gguf
+    a = t.contiguous().numpy()
+    if t.dim() == 1 or ftype == "f32":
+        return a, None
+    if ftype == "q8_0" and t.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+        return gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    return a.astype("float16"), None
+
+
+def write_gguf(ckpt, out_path, ftype: str = "f32", tokenizer=None) -> dict:
+    """Write a GGUF file of the checkpoint; returns the padding report (also printed)."""
+    try:
+        import gguf
+    except ImportError:
+        raise ValueError("writing GGUF needs the gguf package: pip install gguf") from None
+    if ftype not in FILE_TYPES:
+        raise ValueError(f"--type {ftype!r} is not one of {', '.join(FILE_TYPES)}")
+    out_path = Path(out_path)
+    if not out_path.parent.is_dir():
+        raise ValueError(f"output folder {out_path.parent} does not exist")
+    if out_path.is_dir():
+        raise ValueError(f"--gguf {out_path} is a folder; give a file name")
+    cfg, state = llama.read_checkpoint(ckpt)
+    tok = llama.find_tokenizer(ckpt, tokenizer)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocabulary is "
+                         f"{cfg.vocab_size}: wrong tokenizer? pass --tokenizer PATH")
+    plans = plan_gguf(cfg)
+    report = padding_report(cfg, plans)
+    heads, kv_heads, ffn = ([len(p.q_src) for p in plans], [len(p.kv_src) for p in plans], [p.ffn for p in plans])
+    uniform = len(set(heads)) == len(set(kv_heads)) == len(set(ffn)) == 1
+    arch = "llama" if uniform else "deci"  # deci: per-layer arrays
+
+    w = gguf.GGUFWriter(None, arch, use_temp_file=True)  # tensor data waits on disk, not in memory
+    w.add_name(Path(ckpt).resolve().name)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype])
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_head_count(heads[0] if uniform else heads)
+    w.add_head_count_kv(kv_heads[0] if uniform else kv_heads)
+    w.add_feed_forward_length(ffn[0] if uniform else ffn)
+    w.add_key_length(cfg.head_dim)  # explicit: the hidden width is no longer heads * head_dim
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    rope_freqs = _rope(w, cfg)
+    tokens, scores, types = _vocab(tok, cfg.vocab_size)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    for setter, i in ((w.add_bos_token_id, tok.sp.bos_id()), (w.add_eos_token_id, tok.sp.eos_id()),
+                      (w.add_unk_token_id, tok.sp.unk_id())):
+        if i >= 0:
+            setter(i)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.numpy())
+    for name, t in gguf_tensors(cfg, state, plans):
+        a, raw = _encode(t, ftype)
+        w.add_tensor(name, a, raw_dtype=raw)
+
+    def write(path):
+        w.write_header_to_file(path)
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    llama.atomic_write(out_path, write)  # a failed export leaves no half-written file
+    print(format_report(report))
+    print(f"wrote {out_path} ({arch}, {ftype}, {out_path.stat().st_size / 1e6:.2f} MB)")
+    return report
+
+# -----------------------------------------------------------------------------
+
+
+def write_hf(ckpt, out_dir, tokenizer=None) -> None:
+    """A Hugging Face folder as export_pruned writes it (remote code included for a pruned model): converts a Meta
+    or llama2.c checkpoint, or brings an older nuteprune export up to date."""
+    if Path(out_dir).resolve() == Path(ckpt).resolve():
+        raise ValueError(f"--hf {out_dir} is the checkpoint itself; write to another folder")
+    model = llama.load_model(ckpt)
+    llama.save_model(model, out_dir, llama.find_tokenizer(ckpt, tokenizer).path)
+    kind = "plain Llama" if model.config.uniform else "pruned: load with trust_remote_code=True"
+    print(f"wrote {out_dir} ({kind})")
+
+
+def main(argv=None) -> int:
+    p = evaluate.Parser(description="Export a checkpoint (a pruned OUT/pruned/ included) for other runtimes.")
+    p.add_argument("ckpt", help="model folder or file, any layout llama.py reads")
+    p.add_argument("--gguf", metavar="FILE", help="write a GGUF file for llama.cpp")
+    p.add_argument("--type", default="f32", choices=FILE_TYPES, help="weight type of 2-D tensors")
+    p.add_argument("--hf", metavar="DIR", help="write a Hugging Face folder (safetensors, config, tokenizer, code)")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: beside the checkpoint)")
+    args = p.parse_args(argv)
+    if not (args.gguf or args.hf):
+        p.error("nothing to write: give --gguf FILE and/or --hf DIR")
+    try:
+        if args.hf:
+            write_hf(args.ckpt, args.hf, args.tokenizer)
+        if args.gguf:
+            write_gguf(args.ckpt, args.gguf, args.type, args.tokenizer)
+    except (ValueError, OSError) as e:  # OSError: an output path that cannot be written
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
