@@ -182,23 +182,33 @@ class RMSNorm(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """y = x W^T + (alpha / rank) * x A^T B^T. The frozen weight stays at `.weight` so base keys load unchanged."""
+    """y = x W^T + (alpha / rank) * x A^T B^T. The frozen weight stays at `.weight` so base keys load unchanged.
+
+    Two adapters share the module: the trainable one (lora_a, lora_b) and a frozen teacher slot (teacher_a, teacher_b,
+    buffers outside the state dict). `adapter` picks what the forward adds: "student", "teacher" or "off" (the base
+    alone). A teacher's forward thus needs no copy into the trainable tensors, which under FSDP are sharded.
+    """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # frozen, possibly bf16 / meta-loaded
         self.weight.requires_grad_(False)
-        self.rank, self.scale = rank, alpha / rank
+        self.rank, self.scale, self.adapter = rank, alpha / rank, "student"
         dev = base.weight.device
         self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=torch.float32))
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear; B = 0 makes the adapter a no-op
+        self.register_buffer("teacher_a", torch.zeros(rank, self.in_features, device=dev), persistent=False)
+        self.register_buffer("teacher_b", torch.zeros(self.out_features, rank, device=dev), persistent=False)
 
     def forward(self, x):
         y = F.linear(x, self.weight)
+        if self.adapter == "off":
+            return y
+        a, b = (self.lora_a, self.lora_b) if self.adapter == "student" else (self.teacher_a, self.teacher_b)
         # LoRA path in fp32 master weights, cast to the activation dtype (autocast handles mixed precision)
-        return y + F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype)) * self.scale
+        return y + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * self.scale
 
     def merged_weight(self) -> torch.Tensor:
         return (self.weight.float() + self.scale * self.lora_b.float() @ self.lora_a.float()).to(self.weight.dtype)
@@ -354,6 +364,25 @@ def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"LoRA state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
     for k, t in mine.items():
         t.copy_(state[k])
+
+
+def set_adapter(model: nn.Module, adapter: str) -> None:
+    """Which adapter every LoRA module adds: "student" (trainable), "teacher" (the frozen slot) or "off"."""
+    if adapter not in ("student", "teacher", "off"):
+        raise ValueError(f"adapter must be student, teacher or off, got {adapter!r}")
+    for m in lora_modules(model).values():
+        m.adapter = adapter
+
+
+@torch.no_grad()
+def load_teacher_lora(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy full LoRA tensors (keyed like lora_state) into every module's frozen teacher slot."""
+    modules = lora_modules(model)
+    if {f"{n}.{k}" for n in modules for k in ("lora_a", "lora_b")} != state.keys():
+        raise ValueError("teacher LoRA state does not match the model's LoRA modules")
+    for n, m in modules.items():
+        m.teacher_a.copy_(state[f"{n}.lora_a"])
+        m.teacher_b.copy_(state[f"{n}.lora_b"])
 
 
 @torch.no_grad()
@@ -583,9 +612,10 @@ def _llama2c_bin(path: Path) -> tuple[LlamaConfig, dict]:
     return cfg, state
 
 
-def check_checkpoint(path) -> LlamaConfig | None:
+def check_checkpoint(path, weights: bool = True) -> LlamaConfig | None:
     """Cheap checks that path is a checkpoint read_checkpoint can load, reading no weights: the config (None for a
-    Meta directory, whose sizes live in the weights) or a ValueError naming what is missing."""
+    Meta directory, whose sizes live in the weights) or a ValueError naming what is missing. weights=False accepts
+    a directory with config.json alone."""
     p = Path(path)
     if not p.exists():
         raise ValueError(f"checkpoint {p} does not exist")
@@ -595,7 +625,7 @@ def check_checkpoint(path) -> LlamaConfig | None:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{p / 'config.json'}: not a LLaMA config ({type(e).__name__}: {e})") from None
         names = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin")
-        if not any((p / n).is_file() for n in names):
+        if weights and not any((p / n).is_file() for n in names):
             raise ValueError(f"{p}: config.json found but no weights (model.safetensors, pytorch_model.bin or a "
                              f"shard index); is this the right directory?")
         return cfg
@@ -698,7 +728,6 @@ def atomic_write(path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
 
 
 HF_CODE = Path(__file__).resolve().parent / "hf"  # configuration_nuteprune.py, modeling_nuteprune.py

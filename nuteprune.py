@@ -34,6 +34,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -263,23 +264,22 @@ def pick_teacher(step: int, snapshots: list[Snapshot], stage2_start: int | None,
 
 @contextmanager
 def teacher_lora(model: llama.Llama, lora: dict[str, torch.Tensor] | None):
-    """Swap a teacher's LoRA into the model in place (None: zeros, the intact model); the student's always returns.
-
-    In place, so it must wrap only forwards that build no graph (the teacher's, under no_grad), before the student's.
-    """
-    student = {k: v.detach().clone() for k, v in llama.lora_state(model).items()}
+    """The teacher's LoRA for the forwards inside (None: no LoRA, the intact model); the student's returns after,
+    even on error. The teacher's tensors go into each module's frozen teacher slot, copied only when the teacher
+    changes; the student's trainable (possibly sharded) tensors are never touched."""
+    if lora is not None and getattr(model, "_teacher", None) is not lora:
+        llama.load_teacher_lora(model, lora)
+        model._teacher = lora  # the snapshot whose tensors the slot holds
+    llama.set_adapter(model, "off" if lora is None else "teacher")
     try:
-        if lora is None:
-            llama.zero_lora(model)
-        else:
-            llama.load_lora_state(model, lora)
         yield
     finally:
-        llama.load_lora_state(model, student)
+        llama.set_adapter(model, "student")
 
 
 def cpu_lora(model: llama.Llama) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in llama.lora_state(model).items()}
+    """Full copies of the student's LoRA on the CPU (gathered from every rank when FSDP shards them)."""
+    return {k: full_tensor(v).detach().to("cpu", copy=True) for k, v in llama.lora_state(model).items()}
 
 
 def take_snapshots(snapshots: list[Snapshot], gates: Gates, model: llama.Llama, cfg: llama.LlamaConfig,
@@ -455,6 +455,8 @@ class RunState:
     ppl_before: float | None = None
     wall: float = 0.0  # seconds spent by earlier processes of this run
     fit: dict | None = None  # how far the trained masks were from the target when pruning ended (end_pruning)
+    skipped: int = 0  # optimizer steps skipped because a loss or gradient was not finite
+    skipped_in_a_row: int = 0
     resumes: list[dict] = field(default_factory=list)  # each --resume: where, and the flags it changed
     t_start: float = field(default_factory=time.time)  # this process
 
@@ -462,18 +464,23 @@ class RunState:
         return self.wall + time.time() - self.t_start
 
     def save(self, out: Path, t: Trainer):
+        """Every rank calls it (sharded tensors are gathered); rank 0 writes the single-process layout."""
         current = cpu_lora(t.model)
+        optimizer = full_optimizer_state(t.optimizer) if self.phase != "done" else None
+        if rank() != 0:
+            return
         state = {
             "config": asdict(t.c), "phase": self.phase, "step": self.step, "ft_step": self.ft_step,
             "stage2_start": self.stage2_start, "gates": t.gates.state_dict(),
-            "optimizer": t.optimizer.state_dict() if self.phase != "done" else None,
+            "optimizer": optimizer,
             "scaler": t.scaler.state_dict() if t.scaler.is_enabled() else None,
             "lora": current if self.phase == "prune" else self.prune_lora,
             "ft_lora": current if self.phase != "prune" and t.c.ft_data else None,
             "snapshots": [{"level": s.level, "sparsity": s.sparsity, "masks": masks_dict(s.masks), "lora": s.lora,
                            "step": s.step} for s in self.snapshots],
             "final_masks": masks_dict(self.final), "rng": rng_state(), "ppl_before": self.ppl_before,
-            "wall": self.elapsed(), "fit": self.fit, "resumes": self.resumes}
+            "wall": self.elapsed(), "fit": self.fit, "resumes": self.resumes,
+            "skipped": [self.skipped, self.skipped_in_a_row]}
         # atomic: a kill leaves the previous checkpoint or the new one, never half
         llama.atomic_write(out / "state.pt", lambda p: torch.save(state, p))
 
@@ -483,7 +490,7 @@ class RunState:
                      for x in s["snapshots"]]
         final = None if s["final_masks"] is None else Masks(**s["final_masks"])
         return cls(s["phase"], s["step"], s["ft_step"], s["stage2_start"], snapshots, final, s["lora"],
-                   s["ppl_before"], s["wall"], s.get("fit"), s.get("resumes", []))
+                   s["ppl_before"], s["wall"], s.get("fit"), *s.get("skipped", (0, 0)), s.get("resumes", []))
 
 
 STATE_KEYS = ("phase", "step", "ft_step", "stage2_start", "gates", "optimizer", "lora", "ft_lora", "snapshots",
@@ -545,7 +552,9 @@ def prune_step(t: Trainer, batch: torch.Tensor, teacher: Snapshot | None, target
     descent step on LoRA and log_alpha and an ascent step on the lambdas, clamp. Returns the loss terms and the
     expected sparsity before the step. `mark(phase)` is called as each phase ends (benchmarks time them)."""
     c, device = t.c, t.gates.lambda_1.device
-    # one mask sample per step, shared by the batch; each micro-batch's gradient w.r.t. z gathers on leaf copies
+    batch = local_share(batch)  # under torchrun: this rank's part; the mean over ranks is the global batch's
+    # one mask sample per step, shared by the batch (and by every rank: the same seed and draws); each micro-batch's
+    # gradient w.r.t. z gathers on leaf copies
     z = t.gates.sample()
     z_leaf = Masks(*(m.detach().requires_grad_() for m in mask_tensors(z)))
     terms = {"kd": 0.0, "layer": 0.0, "lm": 0.0}
@@ -565,16 +574,44 @@ def prune_step(t: Trainer, batch: torch.Tensor, teacher: Snapshot | None, target
     # the chain rule from the leaf masks through the sampler (Eq. 4) to log_alpha, plus the Lagrangian's gradient
     surrogate = sum((m * m_leaf.grad).sum() for m, m_leaf in zip(mask_tensors(z), mask_tensors(z_leaf)))
     (surrogate + t.scaler.scale(l0)).backward()
+    average_over_ranks([p.grad for p in t.gates.parameters()])  # FSDP averages LoRA's gradients; gates are replicated
+    terms = dict(zip(terms, average_over_ranks(torch.tensor(list(terms.values()), dtype=torch.float64)).tolist()))
+    # descent on LoRA and log_alpha, ascent on lambda_1 and lambda_2; nothing changes when a value is not finite
+    stepped = optimizer_step(t, t.lora_params, terms.values())
+    if stepped:
+        t.gates.clamp_()
+    mark("optimizer")
+    return {**terms, "expected_sparsity": float(expected.detach()), "stepped": stepped}
+
+
+def optimizer_step(t: Trainer, clip_params: list, losses) -> bool:
+    """Unscale, clip, step, on every rank alike. A step whose loss or gradients are not finite changes nothing (no
+    parameter, lambda or optimizer state; with fp16 the scaler lowers its scale) and returns False."""
     t.scaler.unscale_(t.optimizer)
-    lora_params = t.lora_params
-    if lora_params:
-        nn.utils.clip_grad_norm_(lora_params, c.clip)
-    t.scaler.step(t.optimizer)  # descent on LoRA and log_alpha, ascent on lambda_1 and lambda_2
+    grads = [p.grad for g in t.optimizer.param_groups for p in g["params"] if p.grad is not None]
+    finite = all(math.isfinite(v) for v in losses) and all(bool(local(g).isfinite().all()) for g in grads)
+    if not all_ranks(finite):
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scaler.update()  # records the inf for fp16 (smaller scale next step); a no-op otherwise
+        return False
+    if clip_params:
+        nn.utils.clip_grad_norm_(clip_params, t.c.clip)
+    t.scaler.step(t.optimizer)
     t.scaler.update()
     t.optimizer.zero_grad(set_to_none=True)
-    t.gates.clamp_()
-    mark("optimizer")
-    return {**terms, "expected_sparsity": float(expected.detach())}
+    return True
+
+
+MAX_NONFINITE = 10  # skipped steps in a row before the run stops
+
+
+def count_nonfinite(st: RunState, stepped: bool, step: int):
+    st.skipped_in_a_row = 0 if stepped else st.skipped_in_a_row + 1
+    st.skipped += not stepped
+    if st.skipped_in_a_row >= MAX_NONFINITE:
+        raise ValueError(f"{MAX_NONFINITE} steps in a row up to step {step + 1} had a non-finite loss or gradient and "
+                         f"were skipped; stopping. The last checkpoint is intact: check the data and --dtype (fp16 "
+                         f"overflows; bf16 does not), lower the learning rates, then --resume")
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, lrs: dict[str, float]):
@@ -587,7 +624,7 @@ def prune(t: Trainer, st: RunState, blocks: torch.Tensor, heldout: torch.Tensor,
     """Masks (Eq. 4) and LoRA learn from the teachers (Eq. 7-11) under the sparsity Lagrangian (Eq. 5)."""
     c, gates, cfg = t.c, t.gates, t.model.config
     t.model.train()  # LLaMA has no dropout: this only lets gradient checkpointing act
-    bar = evaluate.Progress("prune", sched.total_steps, st.step)
+    bar = evaluate.Progress("prune", sched.total_steps, st.step, enabled=rank() == 0)
     while st.step < sched.total_steps:
         teacher = pick_teacher(st.step, st.snapshots, st.stage2_start, sched.total_steps, sched.gap,
                                sched.stage2_top) if c.distill == "pkd" else None
@@ -597,6 +634,7 @@ def prune(t: Trainer, st: RunState, blocks: torch.Tensor, heldout: torch.Tensor,
         batch = blocks[batch_indices(st.step, len(blocks), c.batch_size, c.seed)]  # (B, T)
         terms = prune_step(t, batch, teacher, target)
         expected = terms.pop("expected_sparsity")
+        count_nonfinite(st, terms.pop("stepped"), st.step)
         st.step += 1
 
         # snapshots: the student's (deterministic masks, LoRA) at each interval crossed below the target (METHOD.md §6)
@@ -615,7 +653,8 @@ def prune(t: Trainer, st: RunState, blocks: torch.Tensor, heldout: torch.Tensor,
                            "expected_sparsity": expected, "target": target,
                            "lambda_1": gates.lambda_1.item(), "lambda_2": gates.lambda_2.item(),
                            "teacher_sparsity": 0.0 if teacher is None else teacher.sparsity,
-                           "teacher_level": 0 if teacher is None else teacher.level, "lr_lora": lrs["lora"] if t.lora_params else 0.0, "lr_mask": lrs["log_alpha"],
+                           "teacher_level": 0 if teacher is None else teacher.level,
+                           "skipped_steps": st.skipped, "lr_lora": lrs["lora"] if t.lora_params else 0.0, "lr_mask": lrs["log_alpha"],
                            "lr_lambda": lrs["lambda"]})
         if c.eval_every and st.step % c.eval_every == 0 and len(heldout):
             log_line(log, {"phase": "eval", "step": st.step, "expected_sparsity": now,
@@ -640,9 +679,22 @@ def end_pruning(t: Trainer, st: RunState) -> Trainer:
     st.prune_lora = cpu_lora(t.model)
     st.phase = "finetune" if t.c.ft_data else "done"
     if t.c.ft_data:
-        start_finetune(t.model, t.c)
+        t = replace(t, model=t.model if world() == 1 else unsharded_base(t, st))
+        start_finetune(t.model, t.c)  # merges the pruning LoRA: on whole tensors, so before FSDP shards again
+        if world() > 1:
+            shard_model(t.model, t.gates.lambda_1.device)
         t = replace(t, optimizer=finetune_optimizer(t.lora_params))
     return t
+
+
+def unsharded_base(t: Trainer, st: RunState) -> llama.Llama:
+    """Under torchrun: the base reloaded whole on the CPU with the pruning LoRA, the RNG as the run left it (so that
+    the fine-tuning LoRA starts as in a single process)."""
+    rng = torch.get_rng_state()
+    model, _ = load_base(t.c, torch.device("cpu"), device_dtype(t.c)[1])
+    attach_lora(model, t.c, {"lora": st.prune_lora, "ft_lora": None})
+    torch.set_rng_state(rng)
+    return model
 
 def mask_fit(gates: Gates, final: Masks, cfg: llama.LlamaConfig, c: RunConfig) -> dict:
     """Whether the masks learned the target: the expected sparsity at the end, the sparsity of the trained
@@ -673,10 +725,11 @@ def finetune(t: Trainer, st: RunState, examples: list, sched: Schedule, pad_id: 
     c, device = t.c, t.gates.lambda_1.device
     lora_params = t.lora_params
     final = st.final.to(device)
-    bar = evaluate.Progress("finetune", sched.ft_total, st.ft_step)
+    bar = evaluate.Progress("finetune", sched.ft_total, st.ft_step, enabled=rank() == 0)
     while st.ft_step < sched.ft_total:
         t.optimizer.param_groups[0]["lr"] = lr = linear_decay(st.ft_step, c.ft_lr, sched.ft_total)
-        batch = [examples[i] for i in batch_indices(st.ft_step, len(examples), c.ft_batch_size, c.seed + 1)]
+        batch = local_share([examples[i] for i in batch_indices(st.ft_step, len(examples), c.ft_batch_size,
+                                                                 c.seed + 1)])
         loss_value = 0.0
         for i in range(0, len(batch), c.micro_batch_size):
             ids, labels = data.pad_batch(batch[i:i + c.micro_batch_size], pad_id)  # (b, T) each
@@ -685,11 +738,8 @@ def finetune(t: Trainer, st: RunState, examples: list, sched: Schedule, pad_id: 
                 loss = lm_loss(t.model(ids.to(device), final), labels.to(device))
             t.scaler.scale(loss * frac).backward()
             loss_value += loss.item() * frac
-        t.scaler.unscale_(t.optimizer)
-        nn.utils.clip_grad_norm_(lora_params, c.clip)
-        t.scaler.step(t.optimizer)
-        t.scaler.update()
-        t.optimizer.zero_grad(set_to_none=True)
+        loss_value = float(average_over_ranks(torch.tensor([loss_value], dtype=torch.float64)))
+        count_nonfinite(st, optimizer_step(t, lora_params, [loss_value]), st.ft_step)
         st.ft_step += 1
         if st.ft_step % c.log_every == 0 or st.ft_step == sched.ft_total:
             log_line(log, {"phase": "finetune", "step": st.ft_step, "loss": loss_value, "lr_lora": lr})
@@ -751,7 +801,7 @@ def export_and_report(t: Trainer, st: RunState, out: Path, tok: llama.Tokenizer,
         "ppl_after": heldout_ppl(pruned, heldout, c, t.autocast),
         "steps": st.step, "ft_steps": st.ft_step, "snapshots": len(st.snapshots), "stage2_start": st.stage2_start,
         "lambda_1": t.gates.lambda_1.item(), "lambda_2": t.gates.lambda_2.item(),
-        **(st.fit or {}), "resumes": st.resumes, "wall_time_s": st.elapsed(), "args": asdict(c)}
+        **(st.fit or {}), "skipped_steps": st.skipped, "resumes": st.resumes, "wall_time_s": st.elapsed(), "args": asdict(c)}
     llama.atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2)))
     print_summary(report, out)
     return report
@@ -766,6 +816,231 @@ def print_summary(r: dict, out: Path):
           f"of all; {evaluate.hms(r['wall_time_s'])}; model in {out / 'pruned'}, report in {out / 'report.json'}")
     if r.get("warning"):
         print(f"warning: {r['warning']}")
+
+# -----------------------------------------------------------------------------
+# --plan: the run's size and the memory of one device, from the checkpoint's config alone (no weights read)
+
+GB = 1e9
+
+
+def lora_params(cfg: llama.LlamaConfig, targets, rank: int) -> int:
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    io = {"q_proj": (cfg.dim, q), "k_proj": (cfg.dim, kv), "v_proj": (cfg.dim, kv), "o_proj": (q, cfg.dim),
+          "gate_proj": (cfg.dim, cfg.ffn_dim), "up_proj": (cfg.dim, cfg.ffn_dim), "down_proj": (cfg.ffn_dim, cfg.dim)}
+    return cfg.n_layers * sum(rank * (io[t][0] + io[t][1]) for t in targets)  # A (r, in) + B (out, r)
+
+
+def gate_params(cfg: llama.LlamaConfig) -> int:
+    return cfg.n_layers * cfg.n_heads + cfg.n_layers * cfg.ffn_dim + cfg.dim  # log_alpha of head, intermediate, hidden
+
+
+def snapshot_bytes(cfg: llama.LlamaConfig, targets, rank: int) -> int:
+    """One teacher: fp32 deterministic masks [L, H], [L, I], [D] and fp32 copies of the LoRA tensors."""
+    return 4 * (gate_params(cfg) + lora_params(cfg, targets, rank))
+
+
+def static_bytes(cfg: llama.LlamaConfig, b: int, targets, rank: int, distill: str, world: int) -> dict[str, float]:
+    """What lives on a device for the whole step. Under FSDP the base and LoRA (with its gradient and moments) are
+    sharded over the ranks, and the unit being computed is gathered whole: one decoder layer, the next one
+    prefetched, and the root (embeddings, final norm, LM head), held through the forward."""
+    n_lora, n_gate = lora_params(cfg, targets, rank), gate_params(cfg)
+    out = {"base weights": llama.count_params(cfg) * b / world,
+           "LoRA (+grad, AdamW)": 16 * n_lora / world,  # fp32 param, grad, exp_avg, exp_avg_sq
+           # fp32 log_alpha, grad, 2 moments; the step's z sample, its leaf copy and that copy's grad (replicated)
+           "log_alpha (+grad, AdamW, z)": 28 * n_gate,
+           # each LoRA module's frozen teacher slot (fp32, whole on every rank); pkd: the teacher's masks
+           "teacher slot": 4 * n_lora + (4 * n_gate if distill == "pkd" else 0)}
+    if world > 1:
+        D, qkv = cfg.dim, (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+        layer, root = D * qkv + 3 * D * cfg.ffn_dim + 2 * D, cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2) + D
+        out["FSDP gathered (2 layers + root)"] = (2 * layer + root) * b
+    return out
+
+
+def activation_moments(cfg: llama.LlamaConfig, b: int, micro_batch: int, seq_len: int, grad_ckpt: bool,
+                       layer_loss: bool, distill: str) -> dict[str, dict[str, float]]:
+    """Bytes held at the moments where the step peaks (bench/README.md derives each term from the code)."""
+    L, N = cfg.n_layers, micro_batch * seq_len
+    ND, NI, NV = N * cfg.dim, N * cfg.ffn_dim, N * cfg.vocab_size
+    layer_loss = layer_loss and distill != "none"
+    per_layer = (8 + 7 * b) * ND + 4 * b * NI  # saved for backward by one layer without checkpointing
+    saved = L * (b * ND if grad_ckpt else per_layer) + (b + 4) * ND  # + the gated embeddings, the final norm's input
+    if distill == "none":  # logits, a shifted copy, fp32 copy, log_softmax; backward: three fp32 buffers
+        head_fwd = (b + (b if micro_batch > 1 else 0) + (4 if b < 4 else 0) + 4) * NV
+        head_after, head_bwd, head_held = 4 * NV, (12 + (b if b < 4 else 0)) * NV, 0
+    else:  # Eq. 7 inside kd_loss: both logits, both log_softmax, exp(teacher), the difference and the product
+        head_fwd, head_after, head_held = (2 * b + 20) * NV, (2 * b + 8) * NV, 2 * b * NV
+        head_bwd = head_after + 8 * NV
+    hidden = (L * b * ND if layer_loss else 0) + (L * b * ND if layer_loss and not grad_ckpt and b < 4 else 0)
+    mse, pending = (8 * L * ND, L * b * ND) if layer_loss else (0, 0)
+    recompute = (per_layer + 2 * b * ND + 2 * b * NI) if grad_ckpt else 0
+
+    def moment(head, layer, recomputed=0):
+        return {"activations: layers": saved, "activations: logits and loss": head,
+                "activations: layer loss": layer, "activations: recompute (1 layer)": recomputed}
+    moments = {"inside the loss (end of forward)": moment(head_fwd, hidden),
+               "after the losses (start of backward)": moment(head_after, hidden + mse),
+               "logit-loss backward": moment(head_bwd, hidden + pending)}
+    if grad_ckpt:
+        moments["layer recompute (inside backward)"] = moment(head_held, hidden + pending, recompute)
+    return moments
+
+
+def memory_plan(cfg: llama.LlamaConfig, dtype_bytes: int = 2, lora_targets=("q_proj", "v_proj"), rank: int = 8,
+                n_snapshots: int = 40, micro_batch: int = 4, seq_len: int = 512, grad_ckpt: bool = True,
+                layer_loss: bool = True, distill: str = "pkd", world: int = 1) -> dict:
+    """Peak memory of one device in one pruning step, by component, in GB (1e9 bytes): what this code keeps alive,
+    tensor by tensor. 'device total' is the sum at the peak moment; 'snapshots (CPU)' lives apart from it."""
+    if distill not in ("none", "kd", "pkd"):
+        raise ValueError(f"distill must be none, kd or pkd, got {distill!r}")
+    static = static_bytes(cfg, dtype_bytes, lora_targets, rank, distill, world)
+    moments = activation_moments(cfg, dtype_bytes, micro_batch, seq_len, grad_ckpt, layer_loss, distill)
+    peak = max(moments, key=lambda k: sum(moments[k].values()))
+    out = {k: v / GB for k, v in {**static, **moments[peak]}.items()}
+    out["device total"] = sum(out.values())
+    out["snapshots (CPU)"] = n_snapshots * snapshot_bytes(cfg, lora_targets, rank) / GB if distill == "pkd" else 0.0
+    out["peak moment"] = peak
+    return out
+
+
+def plan(c: RunConfig, worlds=(1, 2, 4, 8)) -> dict:
+    """`--plan`: the run's steps and snapshots, and memory per device for each world size, from the config alone."""
+    cfg = llama.check_checkpoint(c.ckpt, weights=False)
+    if cfg is None:
+        raise ValueError(f"--plan needs a config.json (HF layout); {c.ckpt} has none")
+    device, dtype = device_dtype(c)
+    b = torch.finfo(dtype).bits // 8
+    with torch.device("meta"):
+        model = llama.Llama(cfg)  # the meta model: its parameter count is the plan's
+    n_blocks = PLAN_BLOCKS if c.data is None else len(data.calibration_blocks(c.data, llama.find_tokenizer(
+        c.ckpt, c.tokenizer), c.n_docs, c.block_size, c.cache_dir))
+    sched = Schedule.of(c, n_blocks - (0 if c.heldout else c.heldout_blocks), 0)
+    grad_ckpt = device.type == "cuda" if c.grad_ckpt is None else c.grad_ckpt
+    rows = {w: memory_plan(cfg, b, tuple(c.lora_targets.split(",")) if not c.no_lora else (), c.lora_rank,
+                           sched.n_levels, min(c.micro_batch_size, c.batch_size // w), c.block_size, grad_ckpt,
+                           c.layer_weight > 0, c.distill, w) for w in worlds}
+    report = {"params": llama.count_params(model), "steps": sched.total_steps, "blocks": n_blocks,
+              "blocks_assumed": c.data is None, "snapshots": sched.n_levels if c.distill == "pkd" else 0,
+              "dtype": str(dtype).removeprefix("torch."), "grad_ckpt": grad_ckpt, "per_device_gb": rows}
+    print_plan(c, report)
+    return report
+
+
+PLAN_BLOCKS = 17_500  # without --data: 20,000 C4 documents are ~9M LLaMA tokens, ~17,500 blocks of 512
+
+
+def print_plan(c: RunConfig, r: dict):
+    note = f" (assumed: {PLAN_BLOCKS} blocks; give --data to count)" if r["blocks_assumed"] else ""
+    print(f"{c.ckpt}: {r['params'] / 1e9:.2f}B parameters; {r['steps']} pruning steps of {c.batch_size} x "
+          f"{c.block_size} tokens over {r['blocks']} blocks{note}; {r['snapshots']} snapshot teachers; "
+          f"{r['dtype']} base, gradient checkpointing {'on' if r['grad_ckpt'] else 'off'}")
+    rows = r["per_device_gb"]
+    comps = [k for k in dict.fromkeys(k for row in reversed(rows.values()) for k in row) if k != "peak moment"]
+    print(f"{'GB per device':<40}" + "".join(f"{f'{w} GPU' + ('s' if w > 1 else ''):>10}" for w in rows))
+    for k in comps:
+        print(f"{k:<40}" + "".join(f"{row.get(k, 0.0):10.2f}" for row in rows.values()))
+    print("fits " + "; ".join(f"{card} GB: " + (", ".join(f"{w}" for w, row in rows.items()
+                                                      if row["device total"] <= card * 0.95) or "none")
+                             for card in (80, 40, 24)) + " (GPUs; 5% kept free)")
+
+
+# -----------------------------------------------------------------------------
+# scale-out: `torchrun --nproc-per-node N nuteprune.py ...` runs one process per device. FSDP2 (`fully_shard`) shards
+# the frozen base and LoRA per decoder layer and averages LoRA's gradients; the gates are small and replicated, drawn
+# alike on every rank (same seed), their gradients averaged here. Each rank takes its share of every batch.
+# Without torchrun (WORLD_SIZE unset or 1) none of this runs and torch.distributed is never initialised.
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Under torchrun: join the process group (NCCL on GPUs, gloo on CPUs); this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def shard_model(model: llama.Llama, device: torch.device):
+    """FSDP2: every decoder layer its own unit, then the root (embeddings, final norm, LM head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (world(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def local_share(batch):
+    """This rank's contiguous part of a global batch (all of it in a single process)."""
+    n = len(batch) // world()
+    return batch[rank() * n:(rank() + 1) * n]
+
+
+def average_over_ranks(tensors):
+    """Mean over ranks, in place, of a tensor or a list of tensors (None entries skipped); returns its input."""
+    if world() > 1:
+        for x in [tensors] if torch.is_tensor(tensors) else tensors:
+            if x is not None:
+                dist.all_reduce(x)  # gloo has no AVG: sum, then divide
+                x /= world()
+    return tensors
+
+
+def max_over_ranks(value: int) -> int:
+    if world() == 1:
+        return value
+    t = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_ranks(flag: bool) -> bool:
+    """True when flag is true on every rank."""
+    return not max_over_ranks(0 if flag else 1)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this rank
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # a DTensor gathered whole (every rank must call)
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict with every sharded moment gathered whole, on the CPU: what a single process saves."""
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: full_tensor(v).cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                   for i, s in sd["state"].items()}
+    return sd
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict):
+    """Load a full (single-process layout) optimizer state, sharding each moment like its parameter."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for i, s in sd["state"].items():
+        p = params[int(i)]
+        state[i] = {k: shard_like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v for k, v in s.items()}
+    optimizer.load_state_dict({**sd, "state": state})
+
+
+def shard_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    if not hasattr(p, "device_mesh"):
+        return t
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(t.to(local(p).device), p.device_mesh, p.placements)
+
 
 # -----------------------------------------------------------------------------
 # run safety: one process per output folder, checkpoints, and a graceful stop on SIGTERM / SIGINT
@@ -817,9 +1092,10 @@ class Checkpointer:
         self.st.save(self.out, t)
 
     def step_done(self, t: Trainer, step: int, total: int):
-        if self.signals.requested is not None:
+        signum = max_over_ranks(self.signals.requested or 0)  # every rank stops after the same step
+        if signum:
             self.save(t)
-            raise Stopped(self.signals.requested, self.out)
+            raise Stopped(signum, self.out)
         if step % t.c.save_every == 0 and step < total:
             self.save(t)
 
@@ -867,53 +1143,69 @@ def read_data(c: RunConfig, tok: llama.Tokenizer) -> tuple[torch.Tensor, torch.T
 
 
 def setup(c: RunConfig, saved: dict | None) -> tuple[Trainer, llama.Tokenizer, RunState]:
-    """One model in memory: the frozen base, the gates, the student's LoRA (a teacher's is swapped in per step, METHOD.md §6)."""
+    """One model in memory: the frozen base, the gates, the student's LoRA (a teacher's is swapped in per step,
+    METHOD.md §6); under torchrun, sharded across the ranks once the checkpoint's values are in."""
     device, dtype = device_dtype(c)
-    cuda = device.type == "cuda"
+    device = init_distributed(device)
     torch.manual_seed(c.seed)
     random.seed(c.seed)
     np.random.seed(c.seed)
-    model, tok = llama.load(c.ckpt, c.tokenizer, device, dtype)
-    if not model.config.uniform:
-        raise ValueError(f"{c.ckpt} is already pruned (per-layer sizes); start from a dense checkpoint")
-    if c.block_size > model.config.max_seq_len:
-        raise ValueError(f"--block-size {c.block_size} exceeds the model's maximum length {model.config.max_seq_len}")
-    model.gradient_checkpointing = cuda if c.grad_ckpt is None else c.grad_ckpt
+    model, tok = load_base(c, device if world() == 1 else torch.device("cpu"), dtype)  # FSDP moves the shards
     gates = Gates(model.config).to(device)  # its initialisation draws from the seeded RNG before LoRA's
     attach_lora(model, c, saved)
+    if world() > 1:
+        shard_model(model, device)
     st = RunState() if saved is None else RunState.from_saved(saved)
     lora_params = list(llama.lora_state(model).values())
     optimizer = prune_optimizer(gates, lora_params) if st.phase == "prune" else finetune_optimizer(lora_params)
-    autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if cuda and dtype != torch.float32 else nullcontext
-    t = Trainer(model, gates, optimizer, torch.amp.GradScaler("cuda", enabled=cuda and dtype == torch.float16), c,
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
+    t = Trainer(model, gates, optimizer, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), c,
                 autocast)
     if saved is not None:
         gates.load_state_dict(saved["gates"])
         if saved["optimizer"] is not None:
-            optimizer.load_state_dict(saved["optimizer"])
+            load_optimizer_state(optimizer, saved["optimizer"])
         if saved["scaler"] is not None:
             t.scaler.load_state_dict(saved["scaler"])
     return t, tok, st
 
 
-def run(c: RunConfig, start: str = "new") -> dict:
-    """start: new (OUT must not hold a run), resume (continue OUT's run from state.pt) or overwrite (start over)."""
+def load_base(c: RunConfig, device: torch.device, dtype: torch.dtype) -> tuple[llama.Llama, llama.Tokenizer]:
+    model, tok = llama.load(c.ckpt, c.tokenizer, device, dtype)
+    if not model.config.uniform:
+        raise ValueError(f"{c.ckpt} is already pruned (per-layer sizes); start from a dense checkpoint")
+    if c.block_size > model.config.max_seq_len:
+        raise ValueError(f"--block-size {c.block_size} exceeds the model's maximum length {model.config.max_seq_len}")
+    model.gradient_checkpointing = device.type == "cuda" if c.grad_ckpt is None else c.grad_ckpt
+    return model, tok
+
+
+def run(c: RunConfig, start: str = "new") -> dict | None:
+    """start: new (OUT must not hold a run), resume (continue OUT's run from state.pt) or overwrite (start over).
+    Under torchrun every rank runs this; rank 0 alone writes OUT and returns the report."""
     out = Path(c.out)
     saved = load_state(out) if start == "resume" else None
     t, tok, st = setup(c, saved)
+    for flag, size in (("--batch-size", c.batch_size), ("--ft-batch-size", c.ft_batch_size)):
+        if size % world():
+            raise ValueError(f"{flag} {size} does not split evenly over {world()} ranks")
     blocks, heldout, examples = read_data(c, tok)
     sched = Schedule.of(c, len(blocks), len(examples))
-    out.mkdir(parents=True, exist_ok=True)  # only now: a failed start leaves no folder behind
-    with out_lock(out), StopSignals() as signals:
+    main = rank() == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a failed start leaves no folder behind
+    with out_lock(out) if main else nullcontext(), StopSignals() as signals:
         if saved is not None:
             set_rng_state(saved["rng"])
             st.resumes.append({"step": st.step, "ft_step": st.ft_step, "changed": resume_changes(saved, c)})
-            truncate_log(out / "log.jsonl", st.step, st.ft_step)
+            if main:
+                truncate_log(out / "log.jsonl", st.step, st.ft_step)
         else:
-            remove_run(out, c, overwrite=start == "overwrite")
+            if main:
+                remove_run(out, c, overwrite=start == "overwrite")
             st.ppl_before = heldout_ppl(t.model, heldout, c, t.autocast)
         ckpt = Checkpointer(out, st, signals)
-        with open(out / "log.jsonl", "a") as log:
+        with open(out / "log.jsonl" if main else os.devnull, "a") as log:
             if st.phase == "prune":
                 prune(t, st, blocks, heldout, sched, log, ckpt)
                 t = end_pruning(t, st)
@@ -922,7 +1214,21 @@ def run(c: RunConfig, start: str = "new") -> dict:
                 finetune(t, st, examples, sched, max(tok.eos_id, 0), log, ckpt)
                 st.phase = "done"
                 ckpt.save(t)
-        return export_and_report(t, st, out, tok, heldout)
+        model = model_to_export(t, st)
+        return export_and_report(replace(t, model=model), st, out, tok, heldout) if main else None
+
+
+def model_to_export(t: Trainer, st: RunState) -> llama.Llama | None:
+    """The model export prunes: the run's own, or under torchrun a whole copy on rank 0's CPU (the base reloaded,
+    the run's LoRA gathered from the ranks into it)."""
+    if world() == 1:
+        return t.model
+    current = cpu_lora(t.model)  # every rank takes part in the gather
+    if rank() != 0:
+        return None
+    model, _ = load_base(t.c, torch.device("cpu"), device_dtype(t.c)[1])
+    attach_lora(model, t.c, {"lora": st.prune_lora, "ft_lora": current if t.c.ft_data else None})
+    return model
 
 
 def remove_run(out: Path, c: RunConfig, overwrite: bool):
@@ -940,6 +1246,8 @@ def remove_run(out: Path, c: RunConfig, overwrite: bool):
 
 
 def log_line(log, rec: dict):
+    if rank() != 0:
+        return
     log.write(json.dumps(rec) + "\n")
     log.flush()
     if sys.stderr.isatty():
@@ -972,6 +1280,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its checkpoint; flags given with it "
                    "must match the run's, except --log-every, --save-every, --max-steps, --ft-max-steps, --device, "
                    "--grad-ckpt, --cache-dir, which change")
+    g.add_argument("--plan", action="store_true",
+                   help="print the run's steps, snapshots and memory per GPU for 1/2/4/8 GPUs from --ckpt's "
+                   "config.json alone (no weights read), then exit")
     g.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out that holds one, removing its state.pt, log.jsonl, report.json, "
                    "pruned/")
@@ -1104,10 +1415,12 @@ def parse_args(argv=None) -> tuple[RunConfig, str]:
     if a.ckpt == "demo":
         parser.set_defaults(**DEMO_DEFAULTS)
         a = parser.parse_args(argv)
-    for name in ("ckpt", "target") + (("data",) if a.ckpt != "demo" else ()):
+    for name in ("ckpt", "target") + (("data",) if a.ckpt != "demo" and not a.plan else ()):
         if getattr(a, name) is None:
             raise ValueError(f"--{name} is required (or --resume OUT)")
     c = RunConfig(**{f.name: getattr(a, f.name) for f in fields(RunConfig)})  # checks every value
+    if a.plan:
+        return c, "plan"
     if c.ft_data is None and c.ft_max_steps is not None:
         raise ValueError("--ft-max-steps needs --ft-data (post fine-tuning runs only with an Alpaca file)")
     start = "overwrite" if a.overwrite else "new"
@@ -1122,7 +1435,10 @@ def parse_args(argv=None) -> tuple[RunConfig, str]:
 
 def main(argv=None):
     try:
-        run(*parse_args(argv))
+        c, start = parse_args(argv)
+        plan(c) if start == "plan" else run(c, start)
+        if dist.is_initialized():
+            dist.destroy_process_group()
     except Stopped as e:
         print(str(e), file=sys.stderr)
         sys.exit(e.exit_code)

@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import llama  # noqa: E402
+import nuteprune as npr  # noqa: E402
 
 GB = 1e9
 LLAMA_7B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, vocab_size=32000)
@@ -39,87 +40,16 @@ PAPER_GB = (27.7, 38.0)  # Table 5, one A100, LLaMA-7B
 REFERENCE_MICRO_BATCH = 16  # the reference scripts' per_device_train_batch_size (scripts/cotrain.sh), fp16, ckpt on
 
 
-def _linear_io(cfg: llama.LlamaConfig) -> dict[str, tuple[int, int]]:
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    return {"q_proj": (cfg.dim, q), "k_proj": (cfg.dim, kv), "v_proj": (cfg.dim, kv), "o_proj": (q, cfg.dim),
-            "gate_proj": (cfg.dim, cfg.ffn_dim), "up_proj": (cfg.dim, cfg.ffn_dim), "down_proj": (cfg.ffn_dim, cfg.dim)}
-
-
-def lora_params(cfg: llama.LlamaConfig, targets=("q_proj", "v_proj"), rank: int = 8) -> int:
-    io = _linear_io(cfg)
-    return cfg.n_layers * sum(rank * (io[t][0] + io[t][1]) for t in targets)  # A (r, in) + B (out, r)
-
-
-def gate_params(cfg: llama.LlamaConfig) -> int:
-    return cfg.n_layers * cfg.n_heads + cfg.n_layers * cfg.ffn_dim + cfg.dim  # log_alpha of head, intermediate, hidden
-
-
-def snapshot_bytes(cfg: llama.LlamaConfig, targets=("q_proj", "v_proj"), rank: int = 8) -> int:
-    """One teacher: fp32 deterministic masks [L, H], [L, I], [D] and fp32 copies of the LoRA tensors."""
-    return 4 * (gate_params(cfg) + lora_params(cfg, targets, rank))
+# The plan itself lives in nuteprune.py (`python nuteprune.py --ckpt DIR --target T --plan` prints it for a run);
+# this script tabulates it for LLaMA-7B and checks it against what bench/train_cost.py measured.
+lora_params, gate_params, snapshot_bytes = npr.lora_params, npr.gate_params, npr.snapshot_bytes
 
 
 def estimate(cfg: llama.LlamaConfig, dtype_bytes: int = 2, lora_targets=("q_proj", "v_proj"), rank: int = 8,
              n_snapshots: int = 40, micro_batch: int = 4, seq_len: int = 512, grad_ckpt: bool = True,
-             layer_loss: bool = True, distill: str = "pkd") -> dict[str, float]:
-    """Peak memory of one training step by component, in GB (1e9 bytes). distill: none (plain cross-entropy), kd, pkd.
-
-    'device total' sums everything on the accelerator at the peak; 'snapshots (CPU)' is apart from it.
-    """
-    if distill not in ("none", "kd", "pkd"):
-        raise ValueError(f"distill must be none, kd or pkd, got {distill!r}")
-    b, L = dtype_bytes, cfg.n_layers
-    N = micro_batch * seq_len
-    ND, NI, NV = N * cfg.dim, N * cfg.ffn_dim, N * cfg.vocab_size
-    layer_loss = layer_loss and distill != "none"
-    n_lora, n_gate = lora_params(cfg, lora_targets, rank), gate_params(cfg)
-
-    static = {
-        "base weights": llama.count_params(cfg) * b,
-        "LoRA (+grad, AdamW)": 16 * n_lora,  # fp32 param, grad, exp_avg, exp_avg_sq
-        # fp32 log_alpha, grad, 2 moments; the step's z sample, its leaf copy and that copy's grad
-        "log_alpha (+grad, AdamW, z)": 28 * n_gate,
-    }
-    # pkd: teacher_lora's copy of the student's LoRA and the teacher's masks moved to the device
-    static["teacher swap"] = 4 * n_lora + 4 * n_gate if distill == "pkd" else 0
-
-    per_layer = (8 + 7 * b) * ND + 4 * b * NI  # saved for backward without checkpointing (module docstring)
-    extra = (b + 4) * ND  # the gated embeddings; the final norm's fp32 input
-    saved = L * (b * ND if grad_ckpt else per_layer) + extra
-    if distill == "none":
-        # logits (b), [:, :-1] copy when B > 1, fp32 copy when b < 4, log_softmax (4); backward: 3 fp32 buffers
-        head_fwd = (b + (b if micro_batch > 1 else 0) + (4 if b < 4 else 0) + 4) * NV
-        head_after, head_bwd = 4 * NV, (12 + (b if b < 4 else 0)) * NV
-        head_held = 0  # nothing holds the logits after lm_loss
-    else:
-        head_fwd = (2 * b + 20) * NV
-        head_after = (2 * b + 8) * NV  # the logits, the student's log_softmax, exp(teacher's)
-        head_bwd = head_after + 8 * NV  # + the gradients of the KL and of log_softmax
-        head_held = 2 * b * NV  # the loop's t_logits and logits live until the step ends
-    teacher_hidden = L * b * ND if layer_loss else 0
-    student_hidden = L * b * ND if layer_loss and not grad_ckpt and b < 4 else 0  # else they are saved anyway
-    hidden = teacher_hidden + student_hidden
-    mse = 8 * L * ND if layer_loss else 0
-    pending = L * b * ND if layer_loss else 0  # gradients w.r.t. the hidden states wait for their layer's backward
-    recompute = (per_layer + 2 * b * ND + 2 * b * NI) if grad_ckpt else 0  # one layer + its backward buffers
-
-    def moment(head, layer, recomputed=0):
-        return {"activations: layers": saved, "activations: logits and loss": head,
-                "activations: layer loss": layer, "activations: recompute (1 layer)": recomputed}
-
-    moments = {  # backward runs the layer loss's nodes first (created last), then the KL's, then the layers'
-        "inside the loss (end of forward)": moment(head_fwd, hidden),
-        "after the losses (start of backward)": moment(head_after, hidden + mse),
-        "logit-loss backward": moment(head_bwd, hidden + pending),
-    }
-    if grad_ckpt:
-        moments["layer recompute (inside backward)"] = moment(head_held, hidden + pending, recompute)
-    peak_name = max(moments, key=lambda k: sum(moments[k].values()))
-    out = {k: v / GB for k, v in {**static, **moments[peak_name]}.items()}
-    out["device total"] = sum(out.values())
-    out["snapshots (CPU)"] = n_snapshots * snapshot_bytes(cfg, lora_targets, rank) / GB if distill == "pkd" else 0.0
-    out["peak moment"] = peak_name
-    return out
+             layer_loss: bool = True, distill: str = "pkd", world: int = 1) -> dict:
+    return npr.memory_plan(cfg, dtype_bytes, lora_targets, rank, n_snapshots, micro_batch, seq_len, grad_ckpt,
+                           layer_loss, distill, world)
 
 
 MODES = {"plain": ("none", False), "kd": ("kd", False), "pkd": ("pkd", False), "pkd_layer": ("pkd", True)}

@@ -212,22 +212,28 @@ def test_snapshots_one_per_step_at_the_highest_level_crossed():
     assert teacher.level == 1
 
 
-def test_teacher_swap_restores_the_student_even_when_the_forward_raises():
+def test_teacher_adapter_is_the_teacher_and_the_student_returns_even_when_the_forward_raises():
     model = tiny(**GQA)
     student = {k: v.clone() for k, v in llama.lora_state(model).items()}
     teacher = {k: torch.randn_like(v) for k, v in student.items()}
-    with pytest.raises(IndexError):
-        with npr.teacher_lora(model, teacher):
-            assert all(torch.equal(v, teacher[k]) for k, v in llama.lora_state(model).items())
-            model(torch.full((1, 4), 10_000))  # token ids beyond the vocabulary: the forward raises
-    assert all(torch.equal(v, student[k]) for k, v in llama.lora_state(model).items())
+    as_teacher = tiny(**GQA)
+    llama.load_lora_state(as_teacher, teacher)
     idx = torch.randint(0, 64, (2, 9))
-    with torch.no_grad(), npr.teacher_lora(model, None):  # the intact model: LoRA contributes nothing
-        intact = model(idx)
-    assert all(torch.equal(v, student[k]) for k, v in llama.lora_state(model).items())
-    plain = tiny(lora=False, **GQA)
     with torch.no_grad():
-        torch.testing.assert_close(intact, plain(idx), atol=1e-6, rtol=0)
+        with npr.teacher_lora(model, teacher):  # the forward adds the teacher's adapter, from its frozen slot
+            torch.testing.assert_close(model(idx), as_teacher(idx), atol=0, rtol=0)
+        with pytest.raises(IndexError):
+            with npr.teacher_lora(model, teacher):
+                model(torch.full((1, 4), 10_000))  # token ids beyond the vocabulary: the forward raises
+        assert all(m.adapter == "student" for m in llama.lora_modules(model).values())
+        assert all(torch.equal(v, student[k]) for k, v in llama.lora_state(model).items())  # never touched
+        with npr.teacher_lora(model, None):  # the intact model: no LoRA at all
+            intact = model(idx)
+        torch.testing.assert_close(intact, tiny(lora=False, **GQA)(idx), atol=0, rtol=0)
+        plain_student = tiny(**GQA)
+        llama.load_lora_state(plain_student, student)
+        torch.testing.assert_close(model(idx), plain_student(idx), atol=0, rtol=0)
+
 
 # -- losses (METHOD.md §5) -------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,83 @@
+"""torchrun with FSDP2 on the CPU (gloo): two ranks compute what one process computes, and a killed two-rank run
+resumes in one process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nuteprune as npr
+from conftest import ROOT, args, ft
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+
+
+def torchrun(argv, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "nuteprune.py"), *argv]
+    return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, **kw)
+
+
+def descendants(pid: int, parent: dict | None = None) -> list[int]:
+    """pid's child processes and theirs (torchrun starts each rank in a session of its own)."""
+    if parent is None:
+        parent = {}
+        for d in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    kids = [p for p, pp in parent.items() if pp == pid]
+    return kids + [k for c in kids for k in descendants(c, parent)]
+
+
+def load(out):
+    return torch.load(out / "state.pt", weights_only=True)
+
+
+def assert_same_run(a, b, atol=1e-5):
+    for group in ("head", "intermediate", "hidden"):
+        assert torch.equal(a["final_masks"][group], b["final_masks"][group]), group
+    for key in ("gates", "lora", "ft_lora"):
+        if a[key] is None:
+            assert b[key] is None
+            continue
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            torch.testing.assert_close(a[key][k], b[key][k], atol=atol, rtol=0)
+    assert [s["level"] for s in a["snapshots"]] == [s["level"] for s in b["snapshots"]]
+    assert a["stage2_start"] == b["stage2_start"]
+
+
+def test_two_ranks_equal_one_process(files, tmp_path):
+    flags = ("--max-steps", "16", *ft(files))  # pruning, then post fine-tuning (the model is rebuilt and re-sharded)
+    npr.main(args(files, tmp_path / "one", *flags))
+    p = torchrun(args(files, tmp_path / "two", *flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    a, b = load(tmp_path / "one"), load(tmp_path / "two")
+    assert a["stage2_start"] is not None and a["ft_lora"] is not None
+    assert_same_run(a, b)
+    ra, rb = (json.loads((tmp_path / x / "report.json").read_text()) for x in ("one", "two"))
+    assert ra["sparsity"] == rb["sparsity"] and ra["layers"] == rb["layers"]
+    assert rb["ppl_after"] == pytest.approx(ra["ppl_after"], rel=1e-4)
+    assert out.count("of prunable weights") == 1  # the summary (and the export) come from rank 0 alone
+
+
+def test_killed_two_rank_run_resumes_in_one_process(files, tmp_path):
+    flags = ("--max-steps", "16", "--save-every", "4", "--log-every", "1")
+    npr.main(args(files, tmp_path / "one", *flags))
+    p = torchrun(args(files, tmp_path / "two", *flags), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    for line in p.stdout:
+        if line.startswith("phase prune | step 10 "):  # the checkpoint of step 8 is written
+            for pid in [p.pid] + descendants(p.pid):  # the whole job, every rank at once
+                os.kill(pid, signal.SIGKILL)
+            break
+    p.wait(60)
+    assert not (tmp_path / "two" / "report.json").exists() and load(tmp_path / "two")["step"] == 8
+    npr.main(["--resume", str(tmp_path / "two")])  # one process continues the two-rank run
+    assert_same_run(load(tmp_path / "one"), load(tmp_path / "two"))
