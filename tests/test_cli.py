@@ -179,3 +179,17 @@ def test_eval_every_logs_the_student_and_each_snapshot_teacher(files, tmp_path):
     assert all(s["ppl"] > 1 for s in snaps)
     taught = {ln["teacher_level"] for ln in lines if ln["phase"] == "prune"}
     assert taught - {0} <= {s["level"] for s in snaps}
+
+
+def test_plan_from_config_json_alone(tmp_path, monkeypatch, capsys):
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))  # no weights, no tokenizer
+    monkeypatch.setattr(llama, "load", lambda *a, **kw: pytest.fail("--plan loaded weights"))
+    npr.main(["--ckpt", str(tmp_path), "--target", "0.5", "--plan", "--dtype", "bf16", "--grad-ckpt"])
+    out = capsys.readouterr().out
+    assert "6.74B parameters" in out and "GB per device" in out and "8 GPUs" in out
+    plan = npr.memory_plan(llama.LlamaConfig.from_hf(cfg), 2, ("q_proj", "v_proj"), 8, 49, 4, 512, True, True, "pkd", 2)
+    row = next(ln for ln in out.splitlines() if ln.startswith("device total")).split()
+    assert float(row[3]) == pytest.approx(plan["device total"], abs=0.006)  # the 2-GPU column
+    assert not (tmp_path / "out").exists() and not (ROOT / "out").exists()
