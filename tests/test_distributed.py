@@ -81,3 +81,20 @@ def test_killed_two_rank_run_resumes_in_one_process(files, tmp_path):
     assert not (tmp_path / "two" / "report.json").exists() and load(tmp_path / "two")["step"] == 8
     npr.main(["--resume", str(tmp_path / "two")])  # one process continues the two-rank run
     assert_same_run(load(tmp_path / "one"), load(tmp_path / "two"))
+
+
+def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(files, tmp_path):
+    p = torchrun(args(files, tmp_path / "run", "--max-steps", "300", "--log-every", "1", "--save-every", "1000"),
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in p.stdout:
+        if line.startswith("phase prune | step 6 "):
+            p.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank
+            break
+    p.stdout.read()
+    err = p.stderr.read()
+    p.wait(120)
+    assert err.count("stopped by SIGTERM after a checkpoint") == 2, err[-2000:]  # both ranks, one checkpoint
+    state = load(tmp_path / "run")
+    assert 6 <= state["step"] < 300 and not (tmp_path / "run" / "report.json").exists()
+    npr.main(["--resume", str(tmp_path / "run"), "--max-steps", str(state["step"] + 2)])
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == state["step"] + 2
