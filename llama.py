@@ -644,20 +644,12 @@ def check_checkpoint(path, weights: bool = True) -> LlamaConfig | None:
 
 def read_checkpoint(path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     p = Path(path)
-    if not p.exists():
-        raise ValueError(f"checkpoint {p} does not exist")
+    cfg = check_checkpoint(p)  # the layout, and for an HF directory its config, without reading weights
     if p.is_dir() and (p / "config.json").is_file():
-        try:
-            cfg = LlamaConfig.from_hf(json.loads((p / "config.json").read_text()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{p / 'config.json'}: not a LLaMA config ({type(e).__name__}: {e})") from None
         return cfg, _hf_state(p)
-    if p.is_dir() and (p / "params.json").is_file():
+    if p.is_dir():
         return _meta_dir(p)
-    if p.is_file() and p.suffix == ".bin":
-        return _llama2c_bin(p)
-    raise ValueError(f"{p}: unknown checkpoint format; expected an HF directory (config.json + *.safetensors/*.bin), "
-                     "a Meta directory (params.json + consolidated.*.pth) or a llama2.c .bin file")
+    return _llama2c_bin(p)
 
 
 def _meta_model(cfg: LlamaConfig) -> Llama:

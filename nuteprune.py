@@ -1271,6 +1271,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = evaluate.Parser(description="NutePrune: prune a LLaMA checkpoint to a target sparsity by "
                                 "progressive distillation (defaults: the paper's recipe).")
     d = {f.name: f.default for f in fields(RunConfig)}  # one source of defaults: RunConfig
+    for add in (_run_flags, _schedule_flags, _distill_flags, _finetune_flags):
+        add(p, d)
+    return p
+
+
+def _run_flags(p: argparse.ArgumentParser, d: dict):
     g = p.add_argument_group("run")
     g.add_argument("--ckpt", help="base model: HF directory, Meta directory, llama2.c .bin, or demo (built by demo.py)")
     g.add_argument("--target", type=float, help="fraction of prunable weights (q,k,v,o,gate,up,down) to remove")
@@ -1300,6 +1306,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "each snapshot teacher's (0: never)")
     g.add_argument("--tolerance", type=float, default=d["tolerance"], help="largest |final sparsity - target| accepted")
     g.add_argument("--cache-dir", help="token cache (default: $NUTEPRUNE_CACHE or ~/.cache/nuteprune)")
+
+
+def _schedule_flags(p: argparse.ArgumentParser, d: dict):
     g = p.add_argument_group("data and schedule (METHOD.md §7)")
     g.add_argument("--n-docs", type=int, default=d["n_docs"], help="documents read from --data")
     g.add_argument("--block-size", type=int, default=d["block_size"], help="tokens per training block")
@@ -1314,6 +1323,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-mask", type=float, default=d["lr_mask"], help="log_alpha learning rate (constant)")
     g.add_argument("--lr-lambda", type=float, default=d["lr_lambda"], help="lambda_1, lambda_2 learning rate (ascent)")
     g.add_argument("--clip", type=float, default=d["clip"], help="gradient-norm clipping of the LoRA parameters")
+
+
+def _distill_flags(p: argparse.ArgumentParser, d: dict):
     g = p.add_argument_group("LoRA and distillation (METHOD.md §5-§7)")
     g.add_argument("--no-lora", action="store_true", help="ablation: train masks only, without LoRA")
     g.add_argument("--lora-targets", default=d["lora_targets"], help="projections with LoRA while pruning")
@@ -1326,6 +1338,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layer-weight", type=float, default=d["layer_weight"], help="weight of the layer MSE (Eq. 9)")
     g.add_argument("--gap", type=float, default=d["gap"], help="sparsity gap between student and teacher (pkd)")
     g.add_argument("--interval", type=float, default=d["interval"], help="sparsity between two snapshots (pkd)")
+
+
+def _finetune_flags(p: argparse.ArgumentParser, d: dict):
     g = p.add_argument_group("post fine-tuning (METHOD.md §7)")
     g.add_argument("--ft-data", help="Stanford-Alpaca JSON; enables post fine-tuning with the masks fixed")
     g.add_argument("--ft-epochs", type=int, default=d["ft_epochs"], help="post fine-tuning epochs")
@@ -1334,7 +1349,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ft-batch-size", type=int, default=d["ft_batch_size"], help="examples per post fine-tuning step")
     g.add_argument("--ft-max-len", type=int, default=d["ft_max_len"], help="tokens per Alpaca example")
     g.add_argument("--ft-lora-targets", default=d["ft_lora_targets"], help="projections with LoRA in post fine-tuning")
-    return p
 
 
 # `--ckpt demo`: the small LLaMA that demo.py trains from nothing but code (cached after the first run), its own
