@@ -171,3 +171,15 @@ def test_bad_paths_are_answered_before_any_work(files, tmp_path, capsys, monkeyp
         code, err = run_main(argv, capsys)
         assert code == 2 and len(err) == 1 and needle in err[0], (needle, err)
     assert not (tmp_path / "o").exists()
+
+
+def test_written_files_are_readable_by_others_under_a_022_umask(files, tmp_path):
+    old = os.umask(0o022)
+    try:
+        npr.main(args(files, tmp_path / "run", "--max-steps", "2"))
+    finally:
+        os.umask(old)
+    written = [p for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"]
+    assert {"state.pt", "report.json", "log.jsonl", "model.safetensors", "config.json"} <= {p.name for p in written}
+    for p in written:
+        assert p.stat().st_mode & 0o777 == 0o644, (p, oct(p.stat().st_mode))
