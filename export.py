@@ -178,12 +178,7 @@ def _encode(t: torch.Tensor, ftype: str):
     return a.astype("float16"), None
 
 
-def write_gguf(ckpt, out_path, ftype: str = "f32", tokenizer=None) -> dict:
-    """Write a GGUF file of the checkpoint; returns the padding report (also printed)."""
-    try:
-        import gguf
-    except ImportError:
-        raise ValueError("writing GGUF needs the gguf package: pip install gguf") from None
+def _check_output(out_path, ftype: str) -> Path:
     if ftype not in FILE_TYPES:
         raise ValueError(f"--type {ftype!r} is not one of {', '.join(FILE_TYPES)}")
     out_path = Path(out_path)
@@ -191,33 +186,48 @@ def write_gguf(ckpt, out_path, ftype: str = "f32", tokenizer=None) -> dict:
         raise ValueError(f"output folder {out_path.parent} does not exist")
     if out_path.is_dir():
         raise ValueError(f"--gguf {out_path} is a folder; give a file name")
+    return out_path
+
+
+def _checkpoint_and_tokenizer(ckpt, tokenizer):
+    """(config, state dict, tokenizer) of the checkpoint, the tokenizer checked against the model's vocabulary."""
     cfg, state = llama.read_checkpoint(ckpt)
     tok = llama.find_tokenizer(ckpt, tokenizer)
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocabulary is "
                          f"{cfg.vocab_size}: wrong tokenizer? pass --tokenizer PATH")
-    plans = plan_gguf(cfg)
-    report = padding_report(cfg, plans)
-    heads, kv_heads, ffn = ([len(p.q_src) for p in plans], [len(p.kv_src) for p in plans], [p.ffn for p in plans])
-    uniform = len(set(heads)) == len(set(kv_heads)) == len(set(ffn)) == 1
-    arch = "llama" if uniform else "deci"  # deci: per-layer arrays
+    return cfg, state, tok
 
-    w = gguf.GGUFWriter(None, arch, use_temp_file=True)  # tensor data waits on disk, not in memory
-    w.add_name(Path(ckpt).resolve().name)
+
+def _layer_counts(plans: list[LayerPlan]) -> tuple[str, tuple]:
+    """The architecture and the (query heads, K/V heads, FFN width) keys: a number each when every layer has the same
+    sizes (plain llama), else per-layer arrays (deci)."""
+    heads, kv_heads, ffn = ([len(p.q_src) for p in plans], [len(p.kv_src) for p in plans], [p.ffn for p in plans])
+    if len(set(heads)) == len(set(kv_heads)) == len(set(ffn)) == 1:
+        return "llama", (heads[0], kv_heads[0], ffn[0])
+    return "deci", (heads, kv_heads, ffn)
+
+
+def _add_hparams(w, name: str, cfg: llama.LlamaConfig, ftype: str, counts: tuple) -> None:
+    import gguf
+    heads, kv_heads, ffn = counts
+    w.add_name(name)
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                      "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype])
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.dim)
     w.add_block_count(cfg.n_layers)
-    w.add_head_count(heads[0] if uniform else heads)
-    w.add_head_count_kv(kv_heads[0] if uniform else kv_heads)
-    w.add_feed_forward_length(ffn[0] if uniform else ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_feed_forward_length(ffn)
     w.add_key_length(cfg.head_dim)  # explicit: the hidden width is no longer heads * head_dim
     w.add_value_length(cfg.head_dim)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    rope_freqs = _rope(w, cfg)
-    tokens, scores, types = _vocab(tok, cfg.vocab_size)
+
+
+def _add_tokenizer(w, tok: llama.Tokenizer, vocab_size: int) -> None:
+    tokens, scores, types = _vocab(tok, vocab_size)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
@@ -229,19 +239,37 @@ def write_gguf(ckpt, out_path, ftype: str = "f32", tokenizer=None) -> dict:
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
 
+
+def _write_file(w, path) -> None:
+    w.write_header_to_file(path)
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_gguf(ckpt, out_path, ftype: str = "f32", tokenizer=None) -> dict:
+    """Write a GGUF file of the checkpoint; returns the padding report (also printed)."""
+    try:
+        import gguf
+    except ImportError:
+        raise ValueError("writing GGUF needs the gguf package: pip install gguf") from None
+    out_path = _check_output(out_path, ftype)
+    cfg, state, tok = _checkpoint_and_tokenizer(ckpt, tokenizer)
+    plans = plan_gguf(cfg)
+    report = padding_report(cfg, plans)
+    arch, counts = _layer_counts(plans)
+
+    w = gguf.GGUFWriter(None, arch, use_temp_file=True)  # tensor data waits on disk, not in memory
+    _add_hparams(w, Path(ckpt).resolve().name, cfg, ftype, counts)
+    rope_freqs = _rope(w, cfg)  # writes the RoPE keys; the tensor (Llama 3.1 scaling) leads the tensors
+    _add_tokenizer(w, tok, cfg.vocab_size)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs.numpy())
     for name, t in gguf_tensors(cfg, state, plans):
         a, raw = _encode(t, ftype)
         w.add_tensor(name, a, raw_dtype=raw)
 
-    def write(path):
-        w.write_header_to_file(path)
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-
-    llama.atomic_write(out_path, write)  # a failed export leaves no half-written file
+    llama.atomic_write(out_path, lambda path: _write_file(w, path))  # a failed export leaves no half-written file
     print(format_report(report))
     print(f"wrote {out_path} ({arch}, {ftype}, {out_path.stat().st_size / 1e6:.2f} MB)")
     return report

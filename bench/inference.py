@@ -84,7 +84,7 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
@@ -96,27 +96,19 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable timings on a shared machine)")
     ap.add_argument("--report", default=None, help="OUT/report.json of a NutePrune run: use its per-layer shape")
     ap.add_argument("--json", default=str(ROOT / "bench" / "inference.json"))
-    args = ap.parse_args(argv)
-    cuda = args.device.startswith("cuda")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
-    preset = args.preset or ("7b" if cuda else "bench")
-    prefill_batch = args.prefill_batch or (4 if cuda else 1)
-    repeats = args.repeats or (5 if cuda else 3)
-    if not cuda:
-        torch.set_num_threads(args.threads)
-    cfg = llama.LlamaConfig(**PRESETS[preset], max_seq_len=max(512, args.prompt + args.new_tokens))
-    dense = random_llama(cfg, args.device, dtype).eval()
-    report = json.loads(Path(args.report).read_text()) if args.report else None
+    return ap.parse_args(argv)
+
+
+def bench_models(dense: llama.Llama, cfg: llama.LlamaConfig, report: dict | None, device, dtype) -> dict:
+    """The dense model and its exports at 20% and 50% prunable sparsity, by name."""
     models = {"dense": dense}
     for t in (0.2, 0.5):
-        models[f"{round(t * 100)}%"] = llama.prune_model(dense, profile_masks(cfg, t, report)).to(args.device, dtype)
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt), generator=gen).to(args.device)
-    batch = torch.randint(0, cfg.vocab_size, (prefill_batch, 512), generator=gen).to(args.device)
-    print(f"model: random LLaMA {preset}, {args.device}, {str(dtype).removeprefix('torch.')}"
-          + ("" if cuda else f", {args.threads} thread(s)") + f"; decode {args.prompt} -> {args.new_tokens} tokens, "
-          f"batch 1, KV cache; prefill {prefill_batch} x 512; {repeats} rounds", flush=True)
+        models[f"{round(t * 100)}%"] = llama.prune_model(dense, profile_masks(cfg, t, report)).to(device, dtype)
+    return models
 
+
+def measure(models: dict, prompt, batch, new_tokens: int, repeats: int, device) -> tuple[dict, dict]:
+    """Decode and prefill seconds of each model, one entry per round."""
     decode = {n: [] for n in models}
     prefill = {n: [] for n in models}
     with torch.no_grad():
@@ -125,10 +117,14 @@ def main(argv=None):
             m(batch)
         for r in range(repeats):
             for name, m in models.items():
-                decode[name].append(timed(lambda: llama.generate(m, prompt, args.new_tokens), args.device))
-                prefill[name].append(timed(lambda: m(batch), args.device))
+                decode[name].append(timed(lambda: llama.generate(m, prompt, new_tokens), device))
+                prefill[name].append(timed(lambda: m(batch), device))
             print(f"  round {r}: " + "  ".join(f"{n} {decode[n][-1]:.2f}s" for n in models), flush=True)
+    return decode, prefill
 
+
+def result_rows(models: dict, cfg: llama.LlamaConfig, decode: dict, prefill: dict, new_tokens: int,
+                prefill_tokens: int) -> list[dict]:
     rows = []
     for name, m in models.items():
         c = m.config
@@ -139,8 +135,8 @@ def main(argv=None):
                      "prunable": prunable, "sparsity": 1 - prunable / llama.prunable_params(cfg),
                      "hidden": c.dim, "heads": c.heads, "ffn": c.ffn,
                      "decode_s": statistics.median(decode[name]), "decode_runs_s": decode[name],
-                     "ms_per_token": 1e3 * statistics.median(decode[name]) / args.new_tokens,
-                     "prefill_tok_s": batch.numel() / statistics.median(prefill[name])})
+                     "ms_per_token": 1e3 * statistics.median(decode[name]) / new_tokens,
+                     "prefill_tok_s": prefill_tokens / statistics.median(prefill[name])})
     base = rows[0]
     for r in rows:  # ratios within each round (models interleaved), then the median
         r["latency_ratio"] = statistics.median(a / b for a, b in zip(decode[r["model"]], decode["dense"]))
@@ -148,6 +144,10 @@ def main(argv=None):
         r["ideal_params"] = r["params"] / base["params"]
         r["ideal_weights_read"] = r["weights_read_per_token"] / base["weights_read_per_token"]
         r["paper_latency_ratio"] = PAPER.get(r["model"])
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
     print(f"\n{'model':<6} {'sparsity':>8} {'params':>8} {'ms/token':>9} {'latency':>8} {'ideal(read)':>11} "
           f"{'ideal(params)':>13} {'paper':>6} {'prefill tok/s':>14} {'speed-up':>9}")
     for r in rows:
@@ -155,6 +155,31 @@ def main(argv=None):
         print(f"{r['model']:<6} {r['sparsity']:8.3f} {r['params'] / 1e6:7.1f}M {r['ms_per_token']:9.2f} "
               f"{r['latency_ratio']:7.2f}x {r['ideal_weights_read']:10.2f}x {r['ideal_params']:12.2f}x {paper:>6} "
               f"{r['prefill_tok_s']:14.0f} {r['prefill_speedup']:8.2f}x")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    preset = args.preset or ("7b" if cuda else "bench")
+    prefill_batch = args.prefill_batch or (4 if cuda else 1)
+    repeats = args.repeats or (5 if cuda else 3)
+    if not cuda:
+        torch.set_num_threads(args.threads)
+    cfg = llama.LlamaConfig(**PRESETS[preset], max_seq_len=max(512, args.prompt + args.new_tokens))
+    dense = random_llama(cfg, args.device, dtype).eval()
+    report = json.loads(Path(args.report).read_text()) if args.report else None
+    models = bench_models(dense, cfg, report, args.device, dtype)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt), generator=gen).to(args.device)
+    batch = torch.randint(0, cfg.vocab_size, (prefill_batch, 512), generator=gen).to(args.device)
+    print(f"model: random LLaMA {preset}, {args.device}, {str(dtype).removeprefix('torch.')}"
+          + ("" if cuda else f", {args.threads} thread(s)") + f"; decode {args.prompt} -> {args.new_tokens} tokens, "
+          f"batch 1, KV cache; prefill {prefill_batch} x 512; {repeats} rounds", flush=True)
+
+    decode, prefill = measure(models, prompt, batch, args.new_tokens, repeats, args.device)
+    rows = result_rows(models, cfg, decode, prefill, args.new_tokens, batch.numel())
+    print_table(rows)
     r50 = rows[2]
     met = r50["latency_ratio"] <= GOAL_50
     print(f"\n50% decode latency {r50['latency_ratio']:.3f}x dense (goal <= {GOAL_50}x: {'met' if met else 'MISSED'}; "

@@ -354,7 +354,7 @@ def print_report(med, per_mode, time_ratios, mem, head, goals, n_snap, cuda, mic
           + f" (candidate: |grad - kd_loss grad| <= {head['fused candidate']['max_abs_grad_diff']:.1e})")
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="base weights: float32 (CPU default) or bfloat16 (CUDA default)")
@@ -373,7 +373,53 @@ def main(argv=None):
     ap.add_argument("--memory-only", action="store_true", help="skip the timing")
     ap.add_argument("--json", default=str(ROOT / "bench" / "train_cost.json"))
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def describe(args, cfg: llama.LlamaConfig, s: Setup, dtype) -> dict:
+    """Prints the setting; returns it as the head of the JSON record."""
+    cuda = args.device.startswith("cuda")
+    n_params = llama.count_params(s.trainer.model)
+    where = f"{args.device}, {str(dtype).removeprefix('torch.')}" + (
+        f", {args.threads} thread(s), malloc {args.malloc}" if not cuda else "")
+    print(f"model: random LLaMA {args.preset} ({n_params / 1e6:.0f}M parameters: dim {cfg.dim}, {cfg.n_layers} layers, "
+          f"{cfg.n_heads} heads, FFN {cfg.ffn_dim}, vocab {cfg.vocab_size}); LoRA q,v rank {LORA_RANK}; "
+          f"batch {args.micro_batch} x {args.seq_len}; grad ckpt {args.grad_ckpt}; {where}", flush=True)
+    return {"device": args.device, "dtype": str(dtype).removeprefix("torch."),
+            "threads": None if cuda else args.threads, "malloc": None if cuda else args.malloc,
+            "preset": args.preset, "config": PRESETS[args.preset], "params": n_params, "seq_len": args.seq_len,
+            "micro_batch": args.micro_batch, "grad_ckpt": args.grad_ckpt, "snapshots_held": len(s.snapshots),
+            "lora": {"targets": list(LORA_TARGETS), "rank": LORA_RANK}}
+
+
+def check_goals(time_ratios: dict, mem: dict | None) -> dict:
+    goals = {"kd_time": verdict(time_ratios["kd_over_plain_plus_floor"], GOALS["kd_over_plain_plus_floor"]),
+             "pkd_time": verdict(time_ratios["pkd_over_kd_time"], GOALS["pkd_over_kd_time"])}
+    if mem:
+        extra = mem["pkd"]["total_bytes"] - mem["kd"]["total_bytes"] - mem["pkd"]["snapshot_bytes"]
+        goals["pkd_memory"] = verdict(extra / mem["kd"]["total_bytes"], GOALS["pkd_extra_memory_frac"])
+    return goals
+
+
+def snapshot_sizes(cfg: llama.LlamaConfig, s: Setup) -> dict:
+    """A teacher snapshot's bytes here and at LLaMA-7B (printed)."""
+    snap = memory_model.snapshot_bytes(cfg, LORA_TARGETS, LORA_RANK)  # the formula that scales to 7B ...
+    if s.snapshots:  # ... is what a run stores
+        assert snapshot_bytes(s.snapshots[0]) == snap, (snapshot_bytes(s.snapshots[0]), snap)
+    snap_7b = memory_model.snapshot_bytes(llama.LlamaConfig(**PRESETS["7b"]), LORA_TARGETS, LORA_RANK)
+    print(f"snapshot per teacher: {snap / 1e6:.2f} MB here; LLaMA-7B (L 32, H 32, I 11008, D 4096, LoRA q,v rank 8, "
+          f"fp32): {snap_7b / 1e6:.2f} MB, x 40 teachers = {40 * snap_7b / 1e6:.1f} MB  (paper: 728 MB)")
+    return {"snapshot_bytes_per_teacher": snap, "snapshot_bytes_per_teacher_7b": snap_7b,
+            "snapshots_7b_40_mb": 40 * snap_7b / 1e6}
+
+
+def write_json(out: dict, path) -> None:
+    Path(path).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
     cuda = args.device.startswith("cuda")
     if args.grad_ckpt is None:
         args.grad_ckpt = cuda
@@ -389,16 +435,7 @@ def main(argv=None):
     s = build(cfg, args.device, dtype, args.snapshots, args.grad_ckpt)
     idx = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq_len),
                         generator=torch.Generator().manual_seed(1)).to(args.device)
-    n_params = llama.count_params(s.trainer.model)
-    where = f"{args.device}, {str(dtype).removeprefix('torch.')}" + (
-        f", {args.threads} thread(s), malloc {args.malloc}" if not cuda else "")
-    print(f"model: random LLaMA {args.preset} ({n_params / 1e6:.0f}M parameters: dim {cfg.dim}, {cfg.n_layers} layers, "
-          f"{cfg.n_heads} heads, FFN {cfg.ffn_dim}, vocab {cfg.vocab_size}); LoRA q,v rank {LORA_RANK}; "
-          f"batch {args.micro_batch} x {args.seq_len}; grad ckpt {args.grad_ckpt}; {where}", flush=True)
-    out = {"device": args.device, "dtype": str(dtype).removeprefix("torch."), "threads": None if cuda else args.threads,
-           "malloc": None if cuda else args.malloc, "preset": args.preset, "config": PRESETS[args.preset],
-           "params": n_params, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "grad_ckpt": args.grad_ckpt,
-           "snapshots_held": len(s.snapshots), "lora": {"targets": list(LORA_TARGETS), "rank": LORA_RANK}}
+    out = describe(args, cfg, s, dtype)
 
     if not args.memory_only:
         rounds = time_modes(s, idx, MODES, args.repeats)
@@ -409,28 +446,14 @@ def main(argv=None):
     mem = None if args.no_memory else memory_cuda(s, idx) if cuda else memory_cpu(args)
     out["memory"] = mem
     if args.memory_only:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(out, args.json)
         return
 
-    goals = {"kd_time": verdict(time_ratios["kd_over_plain_plus_floor"], GOALS["kd_over_plain_plus_floor"]),
-             "pkd_time": verdict(time_ratios["pkd_over_kd_time"], GOALS["pkd_over_kd_time"])}
-    if mem:
-        extra = mem["pkd"]["total_bytes"] - mem["kd"]["total_bytes"] - mem["pkd"]["snapshot_bytes"]
-        goals["pkd_memory"] = verdict(extra / mem["kd"]["total_bytes"], GOALS["pkd_extra_memory_frac"])
+    goals = check_goals(time_ratios, mem)
     print_report(med, per_mode, time_ratios, mem, head, goals, len(s.snapshots), cuda, args.micro_batch, args.seq_len,
                  cfg.vocab_size)
-
-    snap = memory_model.snapshot_bytes(cfg, LORA_TARGETS, LORA_RANK)  # the formula that scales to 7B ...
-    if s.snapshots:  # ... is what a run stores
-        assert snapshot_bytes(s.snapshots[0]) == snap, (snapshot_bytes(s.snapshots[0]), snap)
-    snap_7b = memory_model.snapshot_bytes(llama.LlamaConfig(**PRESETS["7b"]), LORA_TARGETS, LORA_RANK)
-    print(f"snapshot per teacher: {snap / 1e6:.2f} MB here; LLaMA-7B (L 32, H 32, I 11008, D 4096, LoRA q,v rank 8, "
-          f"fp32): {snap_7b / 1e6:.2f} MB, x 40 teachers = {40 * snap_7b / 1e6:.1f} MB  (paper: 728 MB)")
-    out.update(snapshot_bytes_per_teacher=snap, snapshot_bytes_per_teacher_7b=snap_7b,
-               snapshots_7b_40_mb=40 * snap_7b / 1e6, goals=goals, paper=PAPER)
-    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    out.update(snapshot_sizes(cfg, s), goals=goals, paper=PAPER)
+    write_json(out, args.json)
 
 
 if __name__ == "__main__":

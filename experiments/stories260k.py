@@ -257,9 +257,19 @@ def _ppls(results, **match) -> list[float]:
 def markdown(results: list[dict], a: argparse.Namespace, ctx: Context, timing: dict) -> str:
     by = lambda setting: _ppls(results, kind="nuteprune", setting=setting)  # noqa: E731
     dense = _ppls(results, kind="dense")[0]
+    lines = _setup_notes(a, ctx, timing) + _ppl_table(results, dense, by) + _headline(results, by)
+    lines += _ablation_table(by) + _structure_table(results, a, ctx) + _run_table(results)
+    plots = sorted((ctx.out / "plots").glob("*/*.png"))
+    if plots:
+        lines += ["", "## Figures (seed 0)", ""] + [f"- `{p.relative_to(ctx.out)}`" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _setup_notes(a: argparse.Namespace, ctx: Context, timing: dict) -> list[str]:
+    """The title and how everything was run: model, data, flags, baselines, CPU time and code."""
     seeds = ",".join(str(s) for s in a.seeds)
     flags = " ".join(ctx.flags)
-    lines = [
+    return [
         "# stories260K: NutePrune against one-shot structured baselines, and the paper's ablations",
         "",
         f"Model: stories260K (llama2.c, 260K parameters, dim 64, 5 layers, 8 heads / 4 K/V heads, FFN 172). "
@@ -296,6 +306,11 @@ def markdown(results: list[dict], a: argparse.Namespace, ctx: Context, timing: d
         f"({_invocations(timing['invocations'])}) with "
         f"--workers {a.workers} on {os.cpu_count()} cores{timing['note']}. {_code_line(timing['code'])}",
         "",
+    ]
+
+
+def _ppl_table(results: list[dict], dense: float, by) -> list[str]:
+    lines = [
         "## Held-out perplexity at 20% and 50% sparsity",
         "",
         "| method | tuning | 20% | 50% |",
@@ -310,8 +325,11 @@ def markdown(results: list[dict], a: argparse.Namespace, ctx: Context, timing: d
             _fmt(_ppls(results, kind="baseline", setting=m, target=t, tuned=True)) for t in TARGETS) + " |")
     lines.append(f"| NutePrune masks only (`--no-lora`) | none | — | {_fmt(by('masks-only-50'))} |")
     lines.append(f"| NutePrune co-trained (pkd) | LoRA while pruning | {_fmt(by('pkd-20'))} | {_fmt(by('pkd-50'))} |")
+    return lines
 
-    # must-show 1: pkd co-trained at 50% against the best tuned baseline
+
+def _headline(results: list[dict], by) -> list[str]:
+    """Must-show 1: pkd co-trained at 50% against the best tuned baseline."""
     ours = by("pkd-50")
     tuned = {m: _ppls(results, kind="baseline", setting=m, target=0.5, tuned=True) for m in METHODS}
     best = min(tuned, key=lambda m: statistics.mean(tuned[m]))
@@ -319,14 +337,16 @@ def markdown(results: list[dict], a: argparse.Namespace, ctx: Context, timing: d
     holds = mb - mo > max(so, sb)
     verdict = (f"**{'holds' if holds else 'does not hold'}**" if len(ours) > 1 else
                "one seed, so no std to compare with")
-    lines += ["", f"NutePrune (pkd, co-trained) at 50%: {mo:.2f} ± {so:.2f}; best one-shot baseline with its "
-              f"equal-budget LoRA: {best} {mb:.2f} ± {sb:.2f}. Difference {mb - mo:+.2f} "
-              f"({'more' if holds else 'not more'} than the larger seed std {max(so, sb):.2f}): {verdict}."]
+    return ["", f"NutePrune (pkd, co-trained) at 50%: {mo:.2f} ± {so:.2f}; best one-shot baseline with its "
+            f"equal-budget LoRA: {best} {mb:.2f} ± {sb:.2f}. Difference {mb - mo:+.2f} "
+            f"({'more' if holds else 'not more'} than the larger seed std {max(so, sb):.2f}): {verdict}."]
 
-    lines += ["", "## Ablations (50%, co-trained, no post fine-tuning)", "",
-              "Ours: held-out perplexity (lower is better). Paper: LLaMA-7B average zero-shot accuracy "
-              "(higher is better), as docs/METHOD.md lists them.", "",
-              "| ablation | setting | ours: PPL mean ± std | per seed | paper: avg acc |", "|---|---|---|---|---|"]
+
+def _ablation_table(by) -> list[str]:
+    lines = ["", "## Ablations (50%, co-trained, no post fine-tuning)", "",
+             "Ours: held-out perplexity (lower is better). Paper: LLaMA-7B average zero-shot accuracy "
+             "(higher is better), as docs/METHOD.md lists them.", "",
+             "| ablation | setting | ours: PPL mean ± std | per seed | paper: avg acc |", "|---|---|---|---|---|"]
     verdicts = []
     for title, names, paper in ABLATIONS:
         for n in names:
@@ -334,33 +354,35 @@ def markdown(results: list[dict], a: argparse.Namespace, ctx: Context, timing: d
             lines.append(f"| {title} | {PAPER_NAMES[n]} | {_fmt(v)} | {', '.join(f'{x:.2f}' for x in v)} | "
                          f"{PAPER[n]:.2f} |")
         verdicts.append(_ordering(title, names, paper, by))
-    lines += [""] + verdicts
+    return lines + [""] + verdicts
 
+
+def _structure_table(results: list[dict], a: argparse.Namespace, ctx: Context) -> list[str]:
     cfg = llama.load_model(ctx.ckpt).config
     shown = [r for r in results if r["kind"] == "nuteprune" and r["setting"] in ("pkd-50", "pkd-20")
              and r["seed"] == a.seeds[0]] + [r for r in results if r["kind"] == "baseline" and not r["tuned"]]
-    lines += ["", f"## Kept structure per layer, seed {a.seeds[0]} (the paper's Tables 11-12)", "",
-              "Query heads / K/V heads / FFN channels kept in each layer; hidden dims kept. Dense: hidden "
-              f"{cfg.dim}, every layer {cfg.n_heads} / {cfg.n_kv_heads} / {cfg.ffn_dim}.", "",
-              "| run | hidden | " + " | ".join(f"layer {i + 1}" for i in range(cfg.n_layers)) + " |",
-              "|---|---|" + "---|" * cfg.n_layers]
+    lines = ["", f"## Kept structure per layer, seed {a.seeds[0]} (the paper's Tables 11-12)", "",
+             "Query heads / K/V heads / FFN channels kept in each layer; hidden dims kept. Dense: hidden "
+             f"{cfg.dim}, every layer {cfg.n_heads} / {cfg.n_kv_heads} / {cfg.ffn_dim}.", "",
+             "| run | hidden | " + " | ".join(f"layer {i + 1}" for i in range(cfg.n_layers)) + " |",
+             "|---|---|" + "---|" * cfg.n_layers]
     for r in shown:
         name = r["setting"] if r["kind"] == "nuteprune" else f"{r['setting']}-{round(r['target'] * 100)} (one-shot)"
         lines.append(f"| {name} | {r['hidden']} | " + " | ".join(
             f"{x['heads']} / {x['kv_heads']} / {x['ffn']}" for x in r["layers"]) + " |")
+    return lines
 
-    lines += ["", "## Every run", "",
-              "| run | seed | target | sparsity | PPL | steps | wall s | CPU s |", "|---|---|---|---|---|---|---|---|"]
+
+def _run_table(results: list[dict]) -> list[str]:
+    lines = ["", "## Every run", "",
+             "| run | seed | target | sparsity | PPL | steps | wall s | CPU s |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["kind"], r["setting"], r["target"], r.get("tuned", False),
                                             -1 if r["seed"] is None else r["seed"])):
         name = r["setting"] + (" + LoRA" if r.get("tuned") else "")
         cpu = "—" if r.get("cpu_s") is None else f"{r['cpu_s']:.0f}"
         lines.append(f"| {r['kind']}: {name} | {'—' if r['seed'] is None else r['seed']} | {r['target']:g} | "
                      f"{r['sparsity']:.4f} | {r['ppl']:.2f} | {r.get('steps', 0)} | {r['wall_s']:.0f} | {cpu} |")
-    plots = sorted((ctx.out / "plots").glob("*/*.png"))
-    if plots:
-        lines += ["", "## Figures (seed 0)", ""] + [f"- `{p.relative_to(ctx.out)}`" for p in plots]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _code_line(history: list[dict]) -> str:
@@ -461,20 +483,8 @@ def check_config(out: Path, a: argparse.Namespace):
         _write_json(path, config)
 
 
-def run(a: argparse.Namespace) -> list[dict]:
-    t_start = time.time()
-    torch.set_num_threads(1)  # tiny model: threads gain nothing, and the workers share the cores
-    data_paths(a.data_dir)  # fail before creating anything
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    check_config(out, a)
-    for sub in ("runs", "baselines", "cache"):
-        (out / sub).mkdir(exist_ok=True)
-    ctx = Context(a)
-    code_before = provenance()
-    ctx.log(f"calibration {len(ctx.blocks)} x {a.block_size} tokens, held-out {ctx.heldout_tokens} tokens; "
-            f"{len(SETTINGS) * len(a.seeds)} NutePrune runs, {a.workers} at a time")
-
+def run_jobs(ctx: Context, a: argparse.Namespace) -> list[dict]:
+    """Every NutePrune setting and seed, the dense model and every baseline, --workers at a time."""
     jobs = [(nuteprune_job, s, seed) for s in SETTINGS for seed in a.seeds]
     jobs += [(dense_job,)] + [(baseline_job, m, t, None) for m in METHODS for t in TARGETS]
     jobs += [(baseline_job, m, t, seed) for m in METHODS for t in TARGETS for seed in a.seeds]
@@ -483,17 +493,24 @@ def run(a: argparse.Namespace) -> list[dict]:
         futures = [pool.submit(job[0], ctx, *job[1:]) for job in jobs]
         for f in as_completed(futures):
             results.append(f.result())
+    return results
 
-    if not a.no_plots:
-        import plots  # its matplotlib import happens inside, at the first figure
-        for name in ("pkd-50", "pkd-20"):
-            try:
-                plots.plot_run(out / "runs" / f"{name}-s{a.seeds[0]}", out / "plots" / name,
-                               f"{name}, seed {a.seeds[0]}")
-            except RuntimeError as e:
-                ctx.log(f"no figures: {e}")
-                break
 
+def draw_plots(ctx: Context, a: argparse.Namespace):
+    import plots  # its matplotlib import happens inside, at the first figure
+    for name in ("pkd-50", "pkd-20"):
+        try:
+            plots.plot_run(ctx.out / "runs" / f"{name}-s{a.seeds[0]}", ctx.out / "plots" / name,
+                           f"{name}, seed {a.seeds[0]}")
+        except RuntimeError as e:
+            ctx.log(f"no figures: {e}")
+            break
+
+
+def timing_totals(ctx: Context, results: list[dict], t_start: float,
+                  code_before: dict) -> tuple[dict, list[dict], dict]:
+    """(this invocation's code, every invocation's timing, the totals for results.json and results.md)."""
+    out = ctx.out
     code = provenance()
     code["changed_during_run"] = code["nuteprune_py_sha256"] != code_before["nuteprune_py_sha256"]
     me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -516,6 +533,26 @@ def run(a: argparse.Namespace) -> list[dict]:
              "runs_cpu_s": runs_cpu, "code": [t["code"] for t in invocations if "code" in t],
              "note": "" if not unknown else f"; {unknown} runs were trained by an interrupted invocation and "
                                             f"their training CPU is not counted"}
+    return code, invocations, total
+
+
+def run(a: argparse.Namespace) -> list[dict]:
+    t_start = time.time()
+    torch.set_num_threads(1)  # tiny model: threads gain nothing, and the workers share the cores
+    data_paths(a.data_dir)  # fail before creating anything
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_config(out, a)
+    for sub in ("runs", "baselines", "cache"):
+        (out / sub).mkdir(exist_ok=True)
+    ctx = Context(a)
+    code_before = provenance()
+    ctx.log(f"calibration {len(ctx.blocks)} x {a.block_size} tokens, held-out {ctx.heldout_tokens} tokens; "
+            f"{len(SETTINGS) * len(a.seeds)} NutePrune runs, {a.workers} at a time")
+    results = run_jobs(ctx, a)
+    if not a.no_plots:
+        draw_plots(ctx, a)
+    code, invocations, total = timing_totals(ctx, results, t_start, code_before)
     results.sort(key=lambda r: (r["kind"], r["setting"], r["target"], r.get("tuned", False), r["seed"] or 0))
     _write_json(out / "results.json", {"config": json.loads((out / "config.json").read_text()),
                                        "flags": ctx.flags, "code": code, "timing": total,
