@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -90,6 +91,23 @@ def read_jsonl(path, limit: int | None = None) -> list[dict]:
     if not items:
         raise ValueError(f"task file {p} holds no items")
     return items
+
+
+SMALL_MODEL = 100_000_000  # parameters: below it, CPU compute runs on one thread (bench/threads.py)
+
+
+def cpu_threads(n_params: int) -> int:
+    """Torch threads for CPU compute on a model of n_params, set and returned. A small model gains little from a
+    second thread and loses much beside any other busy process (every op waits for a descheduled thread), so it gets
+    one; a larger one keeps torch's default. NUTEPRUNE_THREADS=N overrides; so does an explicit OMP_NUM_THREADS."""
+    if os.environ.get("NUTEPRUNE_THREADS"):
+        n = int(os.environ["NUTEPRUNE_THREADS"])
+    elif os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    else:
+        n = 1 if n_params < SMALL_MODEL else torch.get_num_threads()
+    torch.set_num_threads(max(n, 1))
+    return torch.get_num_threads()
 
 
 def hms(s: float) -> str:
@@ -630,6 +648,8 @@ def main(argv=None) -> int:
             "cpu" if args.device == "auto" else args.device
         dtype = llama.parse_dtype(args.dtype, torch.device(device).type)
         model, masks, tok, kind = load_for_eval(args.ckpt, args.tokenizer, device, dtype)
+        if device == "cpu":
+            cpu_threads(llama.count_params(model))
         max_len = model.config.max_seq_len
         seq_len = min(args.seq_len or 2048, max_len)
         if args.seq_len and args.seq_len > max_len:

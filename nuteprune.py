@@ -1151,6 +1151,8 @@ def setup(c: RunConfig, saved: dict | None) -> tuple[Trainer, llama.Tokenizer, R
     random.seed(c.seed)
     np.random.seed(c.seed)
     model, tok = load_base(c, device if world() == 1 else torch.device("cpu"), dtype)  # FSDP moves the shards
+    if device.type == "cpu":
+        evaluate.cpu_threads(llama.count_params(model))
     gates = Gates(model.config).to(device)  # its initialisation draws from the seeded RNG before LoRA's
     attach_lora(model, c, saved)
     if world() > 1:
