@@ -119,6 +119,61 @@ def plot_losses(log: list[dict], path: Path, title: str = ""):
     plt.close(fig)
 
 
+def teacher_series(log: list[dict], intact_ppl: float | None, distill: str = "pkd") -> dict:
+    """Per-step teacher record of a run (issue 12), from its log lines (`--log-every 1` for every step): steps, the
+    teacher's sparsity and held-out perplexity at each step (the snapshot's, taken when it was stored; the intact
+    model's for level 0; None without distillation), the student's expected sparsity, the student's
+    deterministic-mask perplexity over time (`eval` lines) and the snapshots (step, sparsity, ppl)."""
+    snap_ppl = {r["level"]: r.get("ppl") for r in log if r.get("phase") == "snapshot"}
+    prune = [r for r in log if r.get("phase") == "prune"]
+    teacher_ppl = []
+    for r in prune:
+        level = r.get("teacher_level", 0)
+        teacher_ppl.append(None if distill == "none" else intact_ppl if level == 0 else snap_ppl.get(level))
+    return {"step": [r["step"] for r in prune], "expected_sparsity": [r["expected_sparsity"] for r in prune],
+            "teacher_sparsity": [None if distill == "none" else r.get("teacher_sparsity", 0.0) for r in prune],
+            "teacher_ppl": teacher_ppl,
+            "eval_step": [r["step"] for r in log if r.get("phase") == "eval"],
+            "student_ppl": [r["student_ppl"] for r in log if r.get("phase") == "eval"],
+            "snapshots": [(r["step"], r["sparsity"], r.get("ppl")) for r in log if r.get("phase") == "snapshot"]}
+
+
+def plot_teachers(log: list[dict], intact_ppl: float | None, path, title: str = "", distill: str = "pkd"):
+    """One run's teachers (issue 12): top, the student's expected sparsity and the teacher's sparsity per step;
+    bottom (log scale when it spans more than 3x), held-out perplexity of the student's deterministic masks over
+    time, of each snapshot when it was taken, of the teacher in use at each step, and of the intact model."""
+    plt = _pyplot()
+    s = teacher_series(log, intact_ppl, "none" if distill == "none" else "pkd")
+    fig, (ax, pp) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=[1, 1.3])
+    ax.plot(s["step"], s["expected_sparsity"], label="student (expected sparsity)", lw=1.5)
+    if distill != "none":
+        ax.plot(s["step"], s["teacher_sparsity"], label="teacher in use (0 = intact model)", lw=1.5)
+    ax.set_ylabel("sparsity")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    if s["eval_step"]:
+        pp.plot(s["eval_step"], s["student_ppl"], "o-", ms=3, label="student, deterministic masks")
+    snaps = [(st, p) for st, _, p in s["snapshots"] if p is not None]
+    if snaps:
+        pp.plot(*zip(*snaps), "x", ms=4, color="C2", label="snapshot when taken")
+    if distill != "none" and any(p is not None for p in s["teacher_ppl"]):
+        pp.plot(s["step"], [float("nan") if p is None else p for p in s["teacher_ppl"]], color="C1", lw=1.5,
+                label="teacher in use")
+    if intact_ppl:
+        pp.axhline(intact_ppl, color="k", ls="--", lw=0.8, label="intact model")
+    shown = [p for p in s["student_ppl"] + [p for _, p in snaps] + [intact_ppl or 0] if p]
+    if shown and max(shown) / min(shown) > 3:
+        pp.set_yscale("log")
+    pp.set_xlabel("step")
+    pp.set_ylabel("held-out perplexity")
+    pp.legend(loc="upper left", fontsize=8)
+    pp.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def plot_run(run_dir, out_dir=None, label: str = "") -> list[Path]:
     log, report = read_run(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"
