@@ -9,6 +9,16 @@ fixed associations (rain -> umbrella, cow -> "Moo!") and dialogue in quotes.
     stories -> train.txt / heldout.txt (blank-line-separated documents, what data.read_documents reads)
             -> SentencePiece BPE tokenizer (trained on train.txt)
             -> Llama trained with next-token cross-entropy -> llama.save_model into the cache dir
+
+The build is deterministic: the same DemoConfig gives byte-identical train.txt, heldout.txt, tokenizer.model,
+config.json and model.safetensors on every run on the same kind of machine. What it depends on: this code and
+llama.py; the Python version's `random` (seeded Mersenne Twister); the SentencePiece version (trained on one thread
+with a fixed seed); the torch version and the CPU's instruction set (MKL and oneDNN pick kernels per CPU, and
+different kernels round differently). What it does not depend on: PYTHONHASHSEED (nothing iterates a set or a
+hash-ordered container), OMP_NUM_THREADS / torch.set_num_threads (the build always runs on `DemoConfig.threads`
+threads, and restores the caller's setting after), the machine's load, or the clock (time is only logged).
+A build lives in `.<cache>-build-<host>-<pid>-*` beside the cache folder until it is complete; ensure_demo removes
+such folders left by builds that were killed.
 """
 from __future__ import annotations
 
@@ -19,7 +29,9 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -33,7 +45,8 @@ import data
 import evaluate
 import llama
 
-VERSION = 1  # bump when the corpus, tokenizer or training changes: cached builds of another version are rebuilt
+VERSION = 2  # bump when the corpus, tokenizer or training changes: cached builds of another version are rebuilt
+# 2: always one thread (version 1 used up to two), a seeded SentencePiece trainer
 FILES = ("config.json", "model.safetensors", "tokenizer.model", "train.txt", "heldout.txt")
 
 
@@ -54,7 +67,11 @@ class DemoConfig:
     steps: int = 800
     lr: float = 6e-3
     seed: int = 1234  # train stories, init and batches; held-out stories use seed + 1
-    threads: int = 2  # at most; 1 and 2 threads built bitwise the same model on our machine
+    # Exactly this many threads, whatever the caller's setting: nothing of the environment may reach the model (other
+    # thread counts may split and round sums differently; 1 and 2 gave the same bytes here, but that is no promise),
+    # and a second thread gains little on a model this small while on a busy machine every op waits for it: beside
+    # other jobs on the 2-core machine (load ~5) steps took 1.1-1.6 s with two threads, 0.45-0.5 s with one.
+    threads: int = 1
 
 # -----------------------------------------------------------------------------
 # the story generator
@@ -221,8 +238,9 @@ def read_docs(path) -> list[str]:
 # tokenizer and training
 
 
-def train_tokenizer(docs: list[str], vocab_size: int, out: Path) -> None:
+def train_tokenizer(docs: list[str], vocab_size: int, out: Path, seed: int = 0) -> None:
     import sentencepiece as spm
+    spm.set_random_generator_seed(seed)  # its default seed is random; BPE on every sentence may not use it, but no bet
     model = io.BytesIO()  # sentence_iterator + model_writer: no temp paths recorded inside the model file
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(docs), model_writer=model, model_type="bpe", vocab_size=vocab_size,
@@ -295,15 +313,13 @@ def build_demo(out: Path, cfg: DemoConfig, log) -> dict:
     heldout_docs = stories(cfg.heldout_docs, cfg.seed + 1, exclude=set(train_docs))
     write_docs(out / "train.txt", train_docs)
     write_docs(out / "heldout.txt", heldout_docs)
-    train_tokenizer(train_docs, cfg.vocab_size, out / "tokenizer.model")
+    train_tokenizer(train_docs, cfg.vocab_size, out / "tokenizer.model", cfg.seed)
     tok = llama.Tokenizer(out / "tokenizer.model")
     train, heldout = token_stream(tok, train_docs), token_stream(tok, heldout_docs)
     log(f"demo: {len(train_docs)} train stories ({len(train)} tokens), {len(heldout_docs)} held-out stories "
         f"({len(heldout)} tokens), vocabulary {tok.vocab_size}; training {cfg.steps} steps")
     threads = torch.get_num_threads()
-    # Never more threads than the caller allows (OMP_NUM_THREADS, set_num_threads): with more threads than free
-    # cores every op waits for a descheduled thread, and a build that takes 100 s idle takes 20 min on a busy box.
-    torch.set_num_threads(min(cfg.threads, threads))
+    torch.set_num_threads(cfg.threads)  # exactly, not at most: see DemoConfig.threads
     try:
         model, losses = train_model(cfg, train, tok.vocab_size, log)
         stats = {"first_loss": losses[0], "train_loss": mean_loss(model, train, cfg.seq_len, max_blocks=64),
@@ -346,23 +362,80 @@ def read_manifest(folder: Path, cfg: DemoConfig) -> dict | None:
     return manifest if ok else None
 
 
+# Work folders beside the cache folder: `.demo-build-<host>-<pid>-<random>` holds a build until it is complete,
+# `.demo-old-<host>-<pid>-<random>` a replaced build until it is deleted. The host and pid say whose they are.
+STALE_UNKNOWN_S = 24 * 3600  # a work folder another host (or an older version) left: removed once this old
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"  # no "-": the name parses unambiguously
+
+
+def _work_prefix(out: Path, kind: str) -> str:
+    return f".{out.name}-{kind}-{_host()}-{os.getpid()}-"  # mkdtemp appends [a-z0-9_]{8}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # someone else's process (or not a pid we can ask about): assume alive
+        return True
+    return True
+
+
+def remove_stale_builds(out: Path, log=None) -> list[Path]:
+    """Remove the work folders of `out` that killed builds left behind: those of this host whose process is gone, and
+    any other (another host's, or unnamed by an older version) untouched for STALE_UNKNOWN_S. A live build's folder
+    is never removed: its process exists (on another host: it was touched in the last day). Returns what it removed."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}-(?:build|old)-(?:(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-)?[^-]+")
+    removed = []
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for p in sorted(entries):
+        m = pattern.fullmatch(p.name)
+        if not m or not p.is_dir():
+            continue
+        if m["pid"] and m["host"] == _host():
+            stale = int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"]))
+        else:
+            try:
+                stale = time.time() - p.stat().st_mtime > STALE_UNKNOWN_S
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(p, ignore_errors=True)
+            if not p.exists():
+                removed.append(p)
+    if removed and log:
+        log(f"demo: removed {len(removed)} folder(s) left by interrupted builds: {', '.join(p.name for p in removed)}")
+    return removed
+
+
 def ensure_demo(cache_dir=None, log=None, cfg: DemoConfig | None = None) -> dict:
     """Paths of the demo checkpoint, tokenizer and texts, building them first unless a valid build is cached."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     cfg = cfg or DemoConfig()
     out = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    remove_stale_builds(out, log)
     if read_manifest(out, cfg):
         return _paths(out)
-    log(f"demo: building the demo model in {out} (once; about two minutes on two idle CPU cores)")
+    log(f"demo: building the demo model in {out} (once; a few minutes on one CPU core)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-build-"))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=_work_prefix(out, "build")))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700: the cache folder gets the umask's mode, as mkdir gives
         stats = build_demo(tmp, cfg, log)
         manifest = {"version": VERSION, "config": asdict(cfg), "stats": stats,
                     "sha256": {f: _sha256(tmp / f) for f in FILES}}
         (tmp / "demo.json").write_text(json.dumps(manifest, indent=2))
         if out.exists():  # a stale or corrupt build: os.replace cannot overwrite a non-empty directory
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-old-"))
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=_work_prefix(out, "old")))
             os.replace(out, old / out.name)
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, out)  # readers see the old build, no build, or the whole new one; never half of one

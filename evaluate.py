@@ -502,8 +502,8 @@ def evaluate(model, tokenizer, tasks, data_dir=None, *, masks=None, seq_len: int
         raise ValueError(f"unknown task(s) {unknown}; valid: {', '.join(ALL_TASKS)}")
     if harness not in ("fixed", "legacy"):
         raise ValueError(f"harness '{harness}' is not one of fixed, legacy")
-    files = default_paths(data_dir) if data_dir is not None else {}
-    files.update({k: Path(v) for k, v in (paths or {}).items()})
+    defaults = default_paths(data_dir) if data_dir is not None else {}
+    files = {**defaults, **{k: Path(v) for k, v in (paths or {}).items()}}
     max_len = model.config.max_seq_len
 
     def path(key):
@@ -517,9 +517,16 @@ def evaluate(model, tokenizer, tasks, data_dir=None, *, masks=None, seq_len: int
     meta = {"items": items, "seq_len": seq_len,
             "protocol": {"ppl": "LLM-Pruner: rows joined with '\\n\\n', one BOS, non-overlapping windows",
                          "zero_shot": f"lm-eval-harness v0.3 tasks, no BOS, {harness} tokenisation",
-                         "mmlu": "5-shot Hendrycks format, BOS, letter with the highest log-prob", "harness": harness}}
+                         "mmlu": "5-shot Hendrycks format, BOS, letter with the highest log-prob", "harness": harness},
+            # the files each task read; "overrides" the ones that replaced the standard file (--path), which the table
+            # names instead of the data set
+            "files": {}, "overrides": {}}
     for task in tasks:
         t0 = time.time()
+        for key in ("mmlu_dev", "mmlu_test") if task == "mmlu" else (task,):
+            meta["files"][key] = str(path(key))
+            if key not in defaults or files[key].resolve() != defaults[key].resolve():
+                meta["overrides"][key] = str(files[key])
         if task in PPL_TASKS:
             text = (data.wikitext2_text if task == "wikitext2" else data.ptb_text)(path(task))
             ppl, items[task] = _perplexity(model, tokenizer.encode(text, bos=True), seq_len, batch_size, masks,
@@ -547,29 +554,39 @@ def evaluate(model, tokenizer, tasks, data_dir=None, *, masks=None, seq_len: int
 
 
 def format_table(results: dict, label: str = "model") -> str:
-    """Two rows shaped like the paper's Tables 1-2 (percent for accuracies), then every metric per task."""
+    """Two rows shaped like the paper's Tables 1-2 (percent for accuracies; each header names its metric, and the
+    file in place of the data set where --path replaced one), then every metric per task."""
+    meta = results.get("meta", {})
+    over = meta.get("overrides", {})
+
+    def header(t):  # "WikiText2 PPL", "HellaSwag acc_norm"; "heldout.txt PPL" when --path wikitext2=heldout.txt
+        key = "mmlu_test" if t == "mmlu" else t
+        name = Path(over[key]).name if key in over else HEADERS[t]
+        dev = f" (dev {Path(over['mmlu_dev']).name})" if t == "mmlu" and "mmlu_dev" in over else ""
+        return f"{name} {'PPL' if t in PPL_TASKS else PAPER_METRIC.get(t, 'acc')}{dev}"
+
     cols = [t for t in ALL_TASKS if t in results]
     head, row = ["Model"], [label]
     for t in cols:
+        head.append(header(t))
         if t in PPL_TASKS:
-            head.append(f"{HEADERS[t]} PPL")
             row.append(f"{results[t]['ppl']:.2f}")
         else:
-            head.append(HEADERS[t])
             row.append(f"{100 * results[t][PAPER_METRIC.get(t, 'acc')]:.2f}")
         if t == "openbookqa" and "average" in results:
-            head.append("Average")
+            head.append("Average")  # of the columns before it, each in the metric its header names
             row.append(f"{100 * results['average']['acc']:.2f}")
     widths = [max(len(h), len(r)) for h, r in zip(head, row)]
     lines = ["| " + " | ".join(h.rjust(w) for h, w in zip(head, widths)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|",
              "| " + " | ".join(r.rjust(w) for r, w in zip(row, widths)) + " |", ""]
-    meta = results.get("meta", {})
     for t in cols:
         ms = "  ".join(f"{k} {v:.4f}" if k == "ppl" else f"{k} {100 * v:.2f}" for k, v in results[t].items())
         lines.append(f"{t:<14} n={meta.get('items', {}).get(t, '?'):<6} {ms}")
     for subject, r in meta.get("mmlu_subjects", {}).items():
         lines.append(f"  mmlu {subject:<40} n={r['n']:<5} acc {100 * r['acc']:.2f}")
+    for key, f in over.items():
+        lines.append(f"{key}: read from {f} (--path), not the standard file")
     return "\n".join(lines)
 
 # -----------------------------------------------------------------------------
@@ -601,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--path", action="append", default=[], metavar="TASK=FILE",
                     help="per-task file override (also mmlu_dev=, mmlu_test=); repeatable")
     ap.add_argument("--seq-len", type=int, default=None,
-                    help="perplexity window (default 2048, capped at the model's maximum)")
+                    help="perplexity window, 2 to the model's maximum (default: 2048, or the model's maximum if less)")
     ap.add_argument("--harness", default="fixed", choices=["fixed", "legacy"],
                     help="zero-shot tokenisation (METHOD.md §9)")
     ap.add_argument("--limit", type=int, default=None,
@@ -651,9 +668,11 @@ def main(argv=None) -> int:
         if device == "cpu":
             cpu_threads(llama.count_params(model))
         max_len = model.config.max_seq_len
-        seq_len = min(args.seq_len or 2048, max_len)
-        if args.seq_len and args.seq_len > max_len:
-            print(f"note: --seq-len {args.seq_len} capped at the model's maximum {max_len}", file=sys.stderr)
+        if args.seq_len is not None and not 2 <= args.seq_len <= max_len:
+            raise ValueError(f"--seq-len {args.seq_len} is out of range: the model reads 2 to {max_len} tokens")
+        seq_len = args.seq_len or min(2048, max_len)
+        if args.seq_len is None and max_len < 2048:
+            print(f"note: perplexity windows of {max_len} tokens, the model's maximum (default 2048)", file=sys.stderr)
         results = evaluate(model, tok, tasks, args.data_dir, masks=masks, seq_len=seq_len, limit=args.limit,
                            harness=args.harness, batch_size=args.batch_size, paths=paths, verbose=True)
     except (ValueError, FileNotFoundError) as e:

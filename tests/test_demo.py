@@ -1,9 +1,16 @@
 import dataclasses
 import hashlib
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
 import demo
 import llama
@@ -85,3 +92,97 @@ def test_manifest_rejects_missing_or_malformed_builds(tmp_path):
 def test_cache_dir_follows_nuteprune_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("NUTEPRUNE_CACHE", str(tmp_path))
     assert demo.default_cache_dir() == tmp_path / "demo"
+
+
+# -- reproducible builds (issue 14): nothing of the environment reaches the files ------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = """
+import sys, demo, json, os
+os.umask(0o022)
+cfg = demo.DemoConfig(**json.loads(sys.argv[2]))
+demo.ensure_demo(sys.argv[1], log=lambda m: None, cfg=cfg)
+"""
+
+
+def test_build_is_the_same_whatever_the_hash_seed_and_threads(tmp_path):
+    """Two builds from empty caches, in processes with different PYTHONHASHSEED and OMP_NUM_THREADS, write
+    byte-identical files (the corpus, the tokenizer, the trained model)."""
+    small = dataclasses.replace(TINY, steps=20)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    for i, (seed, threads) in enumerate([("1", "1"), ("2", "2")]):
+        subprocess.run([sys.executable, "-c", BUILD, str(tmp_path / f"c{i}" / "demo"),
+                        json.dumps(dataclasses.asdict(small))], check=True, cwd=ROOT, timeout=300,
+                       env={**env, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": threads, "PYTHONPATH": str(ROOT)})
+    for f in demo.FILES:
+        assert sha(tmp_path / "c0" / "demo" / f) == sha(tmp_path / "c1" / "demo" / f), f
+    # the cache is readable by others under a 022 umask (the build folder is made by mkdtemp, 0700)
+    for f in ("", "train.txt", "heldout.txt", "demo.json"):
+        mode = (tmp_path / "c0" / "demo" / f).stat().st_mode & 0o777
+        assert mode == (0o755 if f == "" else 0o644), (f, oct(mode))
+
+
+def test_build_trains_on_exactly_its_threads(tmp_path, monkeypatch):
+    """The caller's thread setting neither reaches the training (more or fewer threads) nor is lost after it."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def train_model(cfg, train, vocab, log):
+        seen.append(torch.get_num_threads())
+        raise Stop  # the build stops here: the threads are all this test wants
+
+    monkeypatch.setattr(demo, "train_model", train_model)
+    before = torch.get_num_threads()
+    try:
+        for caller in (1, 2):
+            torch.set_num_threads(caller)
+            with pytest.raises(Stop):
+                demo.build_demo(tmp_path, dataclasses.replace(TINY, train_docs=50, threads=1), log=lambda m: None)
+            assert torch.get_num_threads() == caller
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1] and demo.DemoConfig().threads == 1
+
+# -- interrupted builds ----------------------------------------------------------------------------------------------
+
+
+def test_killed_build_is_cleaned_up_by_the_next_call(tmp_path, monkeypatch):
+    """A build killed mid-way leaves its work folder; the next ensure_demo removes it (its process is gone) and every
+    folder that may belong to a live build stays."""
+    folder = tmp_path / "demo"
+    kill = ("import os, signal, demo\n"
+            "demo.build_demo = lambda out, cfg, log: os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"demo.ensure_demo({str(folder)!r}, log=lambda m: None)\n")
+    proc = subprocess.Popen([sys.executable, "-c", kill], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+    (dead,) = tmp_path.iterdir()
+    assert dead.name.startswith(f".demo-build-{demo._host()}-{proc.pid}-")
+    old = tmp_path / f".demo-old-{demo._host()}-{proc.pid}-abcd1234"  # killed while replacing a corrupt build
+    old.mkdir()
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        day = time.time() - 2 * demo.STALE_UNKNOWN_S
+        keep = [tmp_path / f".demo-build-{demo._host()}-{live.pid}-abcd1234",  # a concurrent live build
+                tmp_path / f".demo-build-{demo._host()}-{os.getpid()}-abcd1234",  # this process's own
+                tmp_path / f".demo-build-otherhost-{proc.pid}-abcd1234",  # another host's, recent: may be live
+                tmp_path / ".demo-build-abcd1234",  # an older version's name, recent
+                tmp_path / f".demo2-build-{demo._host()}-{proc.pid}-abcd1234",  # another cache's
+                tmp_path / "demo-build-notours"]
+        gone = [dead, old, tmp_path / f".demo-build-otherhost-{proc.pid}-abcd1235",  # another host's, two days old
+                tmp_path / ".demo-build-abcd1235"]  # an older version's, two days old
+        for p in keep + gone[2:]:
+            p.mkdir()
+        for p in gone[2:]:
+            os.utime(p, (day, day))
+        logs = []
+        monkeypatch.setattr(demo, "read_manifest", lambda folder, cfg: {"ok": True})  # a valid build: no new one
+        assert demo.ensure_demo(folder, log=logs.append) == demo._paths(folder)
+        assert sorted(p for p in tmp_path.iterdir()) == sorted(keep)
+        assert len(logs) == 1 and "removed 4 folder(s) left by interrupted builds" in logs[0]
+    finally:
+        live.kill()
+        live.wait()
+    assert demo.remove_stale_builds(folder) == [keep[0]]  # its process has ended now

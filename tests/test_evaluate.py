@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import data
 import evaluate as ev
 import llama
-from conftest import CharTokenizer, need
+from conftest import GQA, CharTokenizer, need, tiny_llama
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -389,12 +389,45 @@ def test_average_and_table(hf_run):
     assert res["average"]["acc"] == pytest.approx(sum(res[t][ev.PAPER_METRIC[t]] for t in ev.ZERO_SHOT) / 7)
     assert set(res["meta"]["mmlu_subjects"]) == {"abstract_algebra"}
     head, _, row = ev.format_table(res, "tiny").splitlines()[:3]  # the paper's Tables 1-2 in one row
-    assert [c.strip() for c in head.split("|")[1:-1]] == [
-        "Model", "WikiText2 PPL", "PTB PPL", "BoolQ", "PIQA", "HellaSwag", "WinoGrande", "ARC-e", "ARC-c", "OBQA",
-        "Average", "MMLU"]
+    assert [c.strip() for c in head.split("|")[1:-1]] == [  # each column names its metric, as the paper's mix
+        "Model", "WikiText2 PPL", "PTB PPL", "BoolQ acc", "PIQA acc", "HellaSwag acc_norm", "WinoGrande acc",
+        "ARC-e acc", "ARC-c acc_norm", "OBQA acc_norm", "Average", "MMLU acc"]
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[1] == f"{res['wikitext2']['ppl']:.2f}" and cells[5] == f"{100 * res['hellaswag']['acc_norm']:.2f}"
+    assert cells[3] == f"{100 * res['boolq']['acc']:.2f}"
+    assert cells[8] == f"{100 * res['arc_challenge']['acc_norm']:.2f}"
     assert cells[10] == f"{100 * res['average']['acc']:.2f}"
+    assert res["meta"]["overrides"] == {} and "--path" not in ev.format_table(res, "tiny")
+    assert hf_run[2]["ppl"]["meta"]["files"] == {"wikitext2": str(need("wikitext2", "wiki.test.raw")),
+                                                 "ptb": str(need("ptb", "ptb.valid.txt"))}
+
+
+def test_table_names_the_file_that_replaced_a_data_set(tmp_path):
+    """--path wikitext2=OTHER: the column names OTHER, not WikiText2; a --path to the standard file is no override."""
+    model = tiny_llama(**GQA)
+    tok = CharTokenizer(vocab_size=64)
+    other = tmp_path / "heldout.txt"
+    other.write_text("Once upon a time there was a cat.\n\nThe cat sat on the mat. " * 40)
+    arc = tmp_path / "my_arc.jsonl"
+    arc.write_text("\n".join(json.dumps({"id": str(i), "question": "Which is a mammal?", "answerKey": "B",
+                                         "choices": {"text": ["shark", "whale"], "label": ["A", "B"]}})
+                               for i in range(3)) + "\n")
+    std = tmp_path / "data" / "wikitext2" / "wiki.test.raw"
+    std.parent.mkdir(parents=True)
+    std.write_text(other.read_text())
+
+    res = ev.evaluate(model, tok, ["wikitext2", "arc_challenge"], tmp_path / "data", seq_len=32,
+                      paths={"wikitext2": str(other), "arc_challenge": str(arc)})
+    assert res["meta"]["overrides"] == {"wikitext2": str(other), "arc_challenge": str(arc)}
+    table = ev.format_table(res, "tiny")
+    head = [c.strip() for c in table.splitlines()[0].split("|")[1:-1]]
+    assert head == ["Model", "heldout.txt PPL", "my_arc.jsonl acc_norm"]
+    assert "WikiText2" not in table and "ARC-c" not in table
+    assert f"wikitext2: read from {other} (--path)" in table
+
+    same = ev.evaluate(model, tok, ["wikitext2"], tmp_path / "data", seq_len=32, paths={"wikitext2": str(std)})
+    assert same["meta"]["overrides"] == {} and same["wikitext2"] == res["wikitext2"]
+    assert ev.format_table(same).splitlines()[0].split("|")[2].strip() == "WikiText2 PPL"
 
 # -- checkpoints: exported pruned model == masked model; nuteprune output directories -------------------------------
 
@@ -437,8 +470,11 @@ def test_nuteprune_run_directory(stories, tmp_path, capsys):
     assert len(err) == 1 and "--resume" in err[0]
     llama.export_pruned(model, masks, run / "pruned", tokenizer_path=tok.path)
     out = tmp_path / "r.json"
-    rc = ev.main(["--ckpt", str(run), "--data-dir", str(need()), "--tasks", "arc_easy,wikitext2", "--limit", "6",
-                  "--seq-len", "4096", "--json", str(out)])
+    argv = ["--ckpt", str(run), "--data-dir", str(need()), "--tasks", "arc_easy,wikitext2", "--limit", "6"]
+    assert ev.main(argv + ["--seq-len", "4096"]) == 2  # beyond the model's 512 positions: an error, not a cap
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--seq-len 4096 is out of range" in err[0]
+    rc = ev.main(argv + ["--json", str(out)])  # the default 2048 becomes the model's maximum, with a note
     assert rc == 0
     res = json.loads(out.read_text())
     direct = ev.evaluate(model, tok, ["arc_easy", "wikitext2"], need(), masks=masks, seq_len=512, limit=6)
@@ -446,11 +482,11 @@ def test_nuteprune_run_directory(stories, tmp_path, capsys):
     assert res["wikitext2"]["ppl"] == pytest.approx(direct["wikitext2"]["ppl"], rel=1e-4)
     meta = res["meta"]
     assert meta["kind"] == "nuteprune-run" and meta["checkpoint"] == str(run)
-    assert meta["seq_len"] == 512  # capped at the model's maximum
+    assert meta["seq_len"] == 512  # the model's maximum
     assert meta["items"] == {"arc_easy": 6, "wikitext2": 6} and meta["protocol"]["harness"] == "fixed"
     assert set(res) == {"arc_easy", "wikitext2", "meta"}
     err = capsys.readouterr().err
-    assert "capped" in err and "ETA" in err
+    assert "the model's maximum" in err and "ETA" in err
 
 
 def test_real_nuteprune_run_equals_its_masked_model(tmp_path):
