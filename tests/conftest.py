@@ -100,3 +100,26 @@ FT = ("--ft-data", "alpaca.json", "--ft-max-steps", "4", "--ft-batch-size", "4",
 
 def ft(files):
     return [str(files / a) if a == "alpaca.json" else a for a in FT]
+
+
+# -- the suite leaves the repository as it found it ----------------------------------------------------------------
+
+def _git_status():
+    import subprocess
+    try:
+        r = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_left_clean():
+    """Tests write only under pytest's temporary directories: git status is the same after the suite as before."""
+    before = _git_status()
+    yield
+    after = _git_status()
+    if before is not None and after is not None:
+        new = sorted(set(after.splitlines()) - set(before.splitlines()))
+        assert not new, f"the tests left files in the repository: {new}"
