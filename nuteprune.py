@@ -1356,8 +1356,8 @@ def _finetune_flags(p: argparse.ArgumentParser, d: dict):
 # `--ckpt demo`: the small LLaMA that demo.py trains from nothing but code (cached after the first run), its own
 # story text for calibration and held-out perplexity, and a step budget that fits a few minutes on two CPU cores.
 # Explicit flags still win; everything else is the paper's recipe.
-DEMO_DEFAULTS = dict(max_steps=240, block_size=256, batch_size=8, micro_batch_size=8, lr_lambda=2.0,
-                     heldout_blocks=64, log_every=20, save_every=100)
+DEMO_DEFAULTS = dict(max_steps=240, block_size=256, batch_size=8, micro_batch_size=8, lr_mask=1.0, lr_lambda=2.0,
+                     heldout_blocks=64, log_every=20, save_every=100)  # mask rates that reach the target in 240 steps
 
 
 def check_paths(c: RunConfig, start: str):
