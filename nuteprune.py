@@ -589,7 +589,9 @@ def optimizer_step(t: Trainer, clip_params: list, losses) -> bool:
     parameter, lambda or optimizer state; with fp16 the scaler lowers its scale) and returns False."""
     t.scaler.unscale_(t.optimizer)
     grads = [p.grad for g in t.optimizer.param_groups for p in g["params"] if p.grad is not None]
-    finite = all(math.isfinite(v) for v in losses) and all(bool(local(g).isfinite().all()) for g in grads)
+    finite = all(math.isfinite(v) for v in losses)
+    if finite and grads:  # one device sync for all the gradients, not one per tensor: this runs every step
+        finite = bool(torch.stack([local(g).isfinite().all() for g in grads]).all())
     if not all_ranks(finite):
         t.optimizer.zero_grad(set_to_none=True)
         t.scaler.update()  # records the inf for fp16 (smaller scale next step); a no-op otherwise
