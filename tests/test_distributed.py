@@ -78,7 +78,8 @@ def test_killed_two_rank_run_resumes_in_one_process(files, tmp_path):
                 os.kill(pid, signal.SIGKILL)
             break
     p.wait(60)
-    assert not (tmp_path / "two" / "report.json").exists() and load(tmp_path / "two")["step"] == 8
+    step = load(tmp_path / "two")["step"]  # step 8's checkpoint, or 12's if the job got there before the kill
+    assert not (tmp_path / "two" / "report.json").exists() and step in (8, 12)
     npr.main(["--resume", str(tmp_path / "two")])  # one process continues the two-rank run
     assert_same_run(load(tmp_path / "one"), load(tmp_path / "two"))
 
