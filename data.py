@@ -2,7 +2,7 @@
 fine-tuning) and the WikiText-2 / PTB strings of the LLM-Pruner perplexity protocol (METHOD.md §9).
 
 A tokenizer here is anything with .encode(text, bos=False, eos=False) -> list[int], .bos_id, .eos_id and .path
-(the SentencePiece model file), i.e. llama.Tokenizer. Of llama.py this file uses only its atomic file writer.
+(the SentencePiece model file), i.e. checkpoint.Tokenizer. Of llama.py this file uses only its atomic file writer.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llama import atomic_write
+from checkpoint import atomic_write
 
 IGNORE = -100  # label of tokens that carry no loss (cross_entropy's ignore_index)
 

@@ -8,7 +8,7 @@ fixed associations (rain -> umbrella, cow -> "Moo!") and dialogue in quotes.
 
     stories -> train.txt / heldout.txt (blank-line-separated documents, what data.read_documents reads)
             -> SentencePiece BPE tokenizer (trained on train.txt)
-            -> Llama trained with next-token cross-entropy -> llama.save_model into the cache dir
+            -> Llama trained with next-token cross-entropy -> checkpoint.save_model into the cache dir
 
 The build is deterministic: the same DemoConfig gives byte-identical train.txt, heldout.txt, tokenizer.model,
 config.json and model.safetensors on every run on the same kind of machine. What it depends on: this code and
@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import data
 import evaluate
 import llama
@@ -251,7 +252,7 @@ def train_tokenizer(docs: list[str], vocab_size: int, out: Path, seed: int = 0) 
     out.write_bytes(model.getvalue())
 
 
-def token_stream(tok: llama.Tokenizer, docs: list[str]) -> torch.Tensor:
+def token_stream(tok: checkpoint.Tokenizer, docs: list[str]) -> torch.Tensor:
     # one BOS per document, no EOS: the layout data.corpus_tokens gives the calibration blocks
     return torch.tensor([t for d in docs for t in tok.encode(d, bos=True)], dtype=torch.long)
 
@@ -314,7 +315,7 @@ def build_demo(out: Path, cfg: DemoConfig, log) -> dict:
     write_docs(out / "train.txt", train_docs)
     write_docs(out / "heldout.txt", heldout_docs)
     train_tokenizer(train_docs, cfg.vocab_size, out / "tokenizer.model", cfg.seed)
-    tok = llama.Tokenizer(out / "tokenizer.model")
+    tok = checkpoint.SentencePieceTokenizer(out / "tokenizer.model")
     train, heldout = token_stream(tok, train_docs), token_stream(tok, heldout_docs)
     log(f"demo: {len(train_docs)} train stories ({len(train)} tokens), {len(heldout_docs)} held-out stories "
         f"({len(heldout)} tokens), vocabulary {tok.vocab_size}; training {cfg.steps} steps")
@@ -327,7 +328,7 @@ def build_demo(out: Path, cfg: DemoConfig, log) -> dict:
                  "unigram_loss": unigram_loss(train, heldout, tok.vocab_size)}
     finally:
         torch.set_num_threads(threads)
-    llama.save_model(model, out, out / "tokenizer.model")
+    checkpoint.save_model(model, out, out / "tokenizer.model")
     stats["seconds"] = round(time.time() - t0, 1)
     log(f"demo: train loss {stats['train_loss']:.3f}, held-out loss {stats['heldout_loss']:.3f} "
         f"(perplexity {math.exp(stats['heldout_loss']):.2f}; unigram baseline {math.exp(stats['unigram_loss']):.1f}) "
@@ -456,7 +457,7 @@ def main(argv=None):
     if args.rebuild:
         (folder / "demo.json").unlink(missing_ok=True)
     paths = ensure_demo(folder)
-    model, tok = llama.load(paths["ckpt"])
+    model, tok = checkpoint.load(paths["ckpt"])
     stats = json.loads((folder / "demo.json").read_text())["stats"]
     heldout = token_stream(tok, read_docs(paths["heldout_text"]))
     loss = mean_loss(model, heldout, model.config.max_seq_len)  # from the saved checkpoint, not the build's memory

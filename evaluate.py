@@ -11,7 +11,7 @@
   tokenisation behind the paper's Table 1 and LLM-Pruner's tables);
 - MMLU 5-shot in the format of Hendrycks et al.; the answer is the letter with the highest log-probability.
 
---ckpt is anything llama.load reads (HF / Meta directory, llama2.c .bin, an exported pruned model) or a nuteprune
+--ckpt is anything checkpoint.load reads (HF / Meta directory, llama2.c .bin, an exported pruned model) or a nuteprune
 output directory (state.pt or report.json inside), evaluated through its exported pruned/ model.
 
 Scoring shares work: the tokens every choice of an item has in common are run once, into a KV cache, and only the
@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import data
 import llama
 
@@ -603,7 +604,7 @@ def load_for_eval(ckpt, tokenizer=None, device="cpu", dtype=torch.float32):
             raise ValueError(f"{p} is a nuteprune run that has not exported its model yet; finish it with "
                              f"python nuteprune.py --resume {p}")
         p, kind = p / "pruned", "nuteprune-run"
-    model, tok = llama.load(p, tokenizer, device, dtype)
+    model, tok = checkpoint.load(p, tokenizer, device, dtype)
     return model, None, tok, kind or ("dense" if model.config.uniform else "pruned")
 
 
@@ -684,7 +685,7 @@ def main(argv=None) -> int:
     print(f"checkpoint {args.ckpt} ({kind}), harness {args.harness}, ppl seq_len {seq_len}, dtype {dtype_name}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        llama.atomic_write(args.json, lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
+        checkpoint.atomic_write(args.json, lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
     return 0
 
 

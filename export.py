@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import checkpoint
 import evaluate  # its Parser: one-line errors, as every command of the project
 import llama
 
@@ -132,7 +133,7 @@ def gguf_tensors(cfg: llama.LlamaConfig, state: dict, plans: list[LayerPlan]):
 # writing
 
 
-def _vocab(tok: llama.Tokenizer, vocab_size: int):
+def _vocab(tok: checkpoint.Tokenizer, vocab_size: int):
     """SentencePiece pieces, scores and token types (llama.cpp's numbering), padded to the model's vocabulary."""
     import gguf
     sp, tokens, scores, types = tok.sp, [], [], []
@@ -191,8 +192,8 @@ def _check_output(out_path, ftype: str) -> Path:
 
 def _checkpoint_and_tokenizer(ckpt, tokenizer):
     """(config, state dict, tokenizer) of the checkpoint, the tokenizer checked against the model's vocabulary."""
-    cfg, state = llama.read_checkpoint(ckpt)
-    tok = llama.find_tokenizer(ckpt, tokenizer)
+    cfg, state = checkpoint.read_checkpoint(ckpt)
+    tok = checkpoint.find_tokenizer(ckpt, tokenizer)
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocabulary is "
                          f"{cfg.vocab_size}: wrong tokenizer? pass --tokenizer PATH")
@@ -226,7 +227,7 @@ def _add_hparams(w, name: str, cfg: llama.LlamaConfig, ftype: str, counts: tuple
     w.add_vocab_size(cfg.vocab_size)
 
 
-def _add_tokenizer(w, tok: llama.Tokenizer, vocab_size: int) -> None:
+def _add_tokenizer(w, tok: checkpoint.Tokenizer, vocab_size: int) -> None:
     tokens, scores, types = _vocab(tok, vocab_size)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
@@ -269,7 +270,7 @@ def write_gguf(ckpt, out_path, ftype: str = "f32", tokenizer=None) -> dict:
         a, raw = _encode(t, ftype)
         w.add_tensor(name, a, raw_dtype=raw)
 
-    llama.atomic_write(out_path, lambda path: _write_file(w, path))  # a failed export leaves no half-written file
+    checkpoint.atomic_write(out_path, lambda path: _write_file(w, path))  # a failed export leaves no half-written file
     print(format_report(report))
     print(f"wrote {out_path} ({arch}, {ftype}, {out_path.stat().st_size / 1e6:.2f} MB)")
     return report
@@ -282,8 +283,8 @@ def write_hf(ckpt, out_dir, tokenizer=None) -> None:
     or llama2.c checkpoint, or brings an older nuteprune export up to date."""
     if Path(out_dir).resolve() == Path(ckpt).resolve():
         raise ValueError(f"--hf {out_dir} is the checkpoint itself; write to another folder")
-    model = llama.load_model(ckpt)
-    llama.save_model(model, out_dir, llama.find_tokenizer(ckpt, tokenizer).path)
+    model = checkpoint.load_model(ckpt)
+    checkpoint.save_model(model, out_dir, checkpoint.find_tokenizer(ckpt, tokenizer).path)
     kind = "plain Llama" if model.config.uniform else "pruned: load with trust_remote_code=True"
     print(f"wrote {out_dir} ({kind})")
 

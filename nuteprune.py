@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
 import data
 import evaluate
 import llama
@@ -482,7 +483,7 @@ class RunState:
             "wall": self.elapsed(), "fit": self.fit, "resumes": self.resumes,
             "skipped": [self.skipped, self.skipped_in_a_row]}
         # atomic: a kill leaves the previous checkpoint or the new one, never half
-        llama.atomic_write(out / "state.pt", lambda p: torch.save(state, p))
+        checkpoint.atomic_write(out / "state.pt", lambda p: torch.save(state, p))
 
     @classmethod
     def from_saved(cls, s: dict) -> "RunState":
@@ -531,14 +532,14 @@ def start_finetune(model: llama.Llama, c: RunConfig):
     llama.add_lora(model, c.ft_lora_targets.split(","), c.lora_rank, c.lora_alpha)  # METHOD.md §7: every projection
 
 
-def load_run(out_dir, device="cpu", dtype=torch.float32) -> tuple[llama.Llama, Masks, llama.Tokenizer]:
+def load_run(out_dir, device="cpu", dtype=torch.float32) -> tuple[llama.Llama, Masks, checkpoint.Tokenizer]:
     """The base model with a finished run's final LoRA and its final deterministic masks: model(idx, masks) gives
     what OUT/pruned/ gives."""
     state = load_state(out_dir)
     if state["final_masks"] is None:
         raise ValueError(f"{out_dir}: the run has not finished pruning; continue it with --resume {out_dir}")
     c = RunConfig.from_dict(state["config"])
-    model, tok = llama.load(c.ckpt, c.tokenizer, device, dtype)
+    model, tok = checkpoint.load(c.ckpt, c.tokenizer, device, dtype)
     attach_lora(model, c, state)
     return model.eval(), Masks(**state["final_masks"]).to(device), tok
 
@@ -785,10 +786,10 @@ def heldout_ppl(model: llama.Llama, blocks: torch.Tensor, c: RunConfig, autocast
     return math.exp(evaluate.mean_nll(model, blocks, c.micro_batch_size, masks, autocast=autocast))
 
 
-def export_and_report(t: Trainer, st: RunState, out: Path, tok: llama.Tokenizer, heldout: torch.Tensor) -> dict:
+def export_and_report(t: Trainer, st: RunState, out: Path, tok: checkpoint.Tokenizer, heldout: torch.Tensor) -> dict:
     model, c = t.model.eval(), t.c
-    cfg_pruned = llama.export_pruned(model, st.final, out / "pruned", tok.path)
-    pruned = llama.load_model(out / "pruned", *device_dtype(c))
+    cfg_pruned = checkpoint.export_pruned(model, st.final, out / "pruned", tok.path)
+    pruned = checkpoint.load_model(out / "pruned", *device_dtype(c))
     report = {
         "target": c.target,
         "sparsity": 1 - prunable_tensors(pruned) / prunable_tensors(model),
@@ -804,7 +805,7 @@ def export_and_report(t: Trainer, st: RunState, out: Path, tok: llama.Tokenizer,
         "steps": st.step, "ft_steps": st.ft_step, "snapshots": len(st.snapshots), "stage2_start": st.stage2_start,
         "lambda_1": t.gates.lambda_1.item(), "lambda_2": t.gates.lambda_2.item(),
         **(st.fit or {}), "skipped_steps": st.skipped, "resumes": st.resumes, "wall_time_s": st.elapsed(), "args": asdict(c)}
-    llama.atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2)))
+    checkpoint.atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=2)))
     print_summary(report, out)
     return report
 
@@ -907,14 +908,14 @@ def memory_plan(cfg: llama.LlamaConfig, dtype_bytes: int = 2, lora_targets=("q_p
 
 def plan(c: RunConfig, worlds=(1, 2, 4, 8)) -> dict:
     """`--plan`: the run's steps and snapshots, and memory per device for each world size, from the config alone."""
-    cfg = llama.check_checkpoint(c.ckpt, weights=False)
+    cfg = checkpoint.check_checkpoint(c.ckpt, weights=False)
     if cfg is None:
         raise ValueError(f"--plan needs a config.json (HF layout); {c.ckpt} has none")
     device, dtype = device_dtype(c)
     b = torch.finfo(dtype).bits // 8
     with torch.device("meta"):
         model = llama.Llama(cfg)  # the meta model: its parameter count is the plan's
-    n_blocks = PLAN_BLOCKS if c.data is None else len(data.calibration_blocks(c.data, llama.find_tokenizer(
+    n_blocks = PLAN_BLOCKS if c.data is None else len(data.calibration_blocks(c.data, checkpoint.find_tokenizer(
         c.ckpt, c.tokenizer), c.n_docs, c.block_size, c.cache_dir))
     sched = Schedule.of(c, n_blocks - (0 if c.heldout else c.heldout_blocks), 0)
     grad_ckpt = device.type == "cuda" if c.grad_ckpt is None else c.grad_ckpt
@@ -1128,7 +1129,7 @@ def device_dtype(c: RunConfig) -> tuple[torch.device, torch.dtype]:
     return device, llama.parse_dtype(c.dtype, device.type)
 
 
-def read_data(c: RunConfig, tok: llama.Tokenizer) -> tuple[torch.Tensor, torch.Tensor, list]:
+def read_data(c: RunConfig, tok: checkpoint.Tokenizer) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Calibration blocks (N, block_size), held-out blocks, and the Alpaca examples of post fine-tuning."""
     blocks = data.calibration_blocks(c.data, tok, c.n_docs, c.block_size, c.cache_dir)
     if c.heldout:  # a separate file: every block of --data trains
@@ -1144,7 +1145,7 @@ def read_data(c: RunConfig, tok: llama.Tokenizer) -> tuple[torch.Tensor, torch.T
     return blocks, heldout, examples
 
 
-def setup(c: RunConfig, saved: dict | None) -> tuple[Trainer, llama.Tokenizer, RunState]:
+def setup(c: RunConfig, saved: dict | None) -> tuple[Trainer, checkpoint.Tokenizer, RunState]:
     """One model in memory: the frozen base, the gates, the student's LoRA (a teacher's is swapped in per step,
     METHOD.md §6); under torchrun, sharded across the ranks once the checkpoint's values are in."""
     device, dtype = device_dtype(c)
@@ -1174,8 +1175,8 @@ def setup(c: RunConfig, saved: dict | None) -> tuple[Trainer, llama.Tokenizer, R
     return t, tok, st
 
 
-def load_base(c: RunConfig, device: torch.device, dtype: torch.dtype) -> tuple[llama.Llama, llama.Tokenizer]:
-    model, tok = llama.load(c.ckpt, c.tokenizer, device, dtype)
+def load_base(c: RunConfig, device: torch.device, dtype: torch.dtype) -> tuple[llama.Llama, checkpoint.Tokenizer]:
+    model, tok = checkpoint.load(c.ckpt, c.tokenizer, device, dtype)
     if not model.config.uniform:
         raise ValueError(f"{c.ckpt} is already pruned (per-layer sizes); start from a dense checkpoint")
     if c.block_size > model.config.max_seq_len:
@@ -1365,7 +1366,7 @@ DEMO_DEFAULTS = dict(max_steps=240, block_size=256, batch_size=8, micro_batch_si
 def check_paths(c: RunConfig, start: str):
     """Every file and folder a run reads or writes, checked before any is loaded (--ckpt demo is built after it)."""
     if c.ckpt != "demo":
-        llama.check_checkpoint(c.ckpt)
+        checkpoint.check_checkpoint(c.ckpt)
     for flag, path in (("--tokenizer", c.tokenizer), ("--data", c.data), ("--heldout", c.heldout),
                        ("--ft-data", c.ft_data)):
         if path is not None:

@@ -19,6 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import checkpoint
 import evaluate as ev  # noqa: E402
 import llama  # noqa: E402
 
@@ -42,9 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_model(args, data_dir: Path):
     """(model, tokenizer, label): --ckpt, or a random LLaMA with the 32k LLaMA tokenizer."""
     if args.ckpt:
-        model, tok = llama.load(args.ckpt)
+        model, tok = checkpoint.load(args.ckpt)
         return model, tok, args.ckpt
-    tok = llama.Tokenizer(data_dir / "llama_tokenizer" / "tokenizer.model")
+    tok = checkpoint.SentencePieceTokenizer(data_dir / "llama_tokenizer" / "tokenizer.model")
     torch.manual_seed(0)
     cfg = llama.LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=args.dim // 64, n_kv_heads=args.dim // 64,
                             ffn_dim=int(args.dim * 8 / 3) // 32 * 32, vocab_size=tok.vocab_size, max_seq_len=2048)

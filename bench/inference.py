@@ -27,6 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import checkpoint
 import llama  # noqa: E402
 from train_cost import PRESETS, random_llama  # noqa: E402  (bench/, beside this file)
 
@@ -36,7 +37,7 @@ PAPER = {"20%": 0.89, "50%": 0.71}  # Table 4: LLaMA-7B on vLLM, 64 -> 256 token
 
 def run_profile(report: dict) -> tuple[list[float], list[float], float]:
     """Per-layer keep fractions (heads, FFN) and the hidden keep fraction of a finished run (OUT/report.json)."""
-    dense, _ = llama.read_checkpoint(report["args"]["ckpt"])  # the report records kept sizes, not the dense ones
+    dense, _ = checkpoint.read_checkpoint(report["args"]["ckpt"])  # the report records kept sizes, not the dense ones
     heads = [x["heads"] / dense.n_heads for x in report["layers"]]
     ffn = [x["ffn"] / dense.ffn_dim for x in report["layers"]]
     return heads, ffn, report["hidden"] / dense.dim

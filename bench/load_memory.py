@@ -18,17 +18,18 @@ sys.path.insert(0, str(ROOT))
 CHILD = r"""
 import resource, sys, time, torch
 sys.path.insert(0, {root!r})
+import checkpoint
 import llama
 torch.set_num_threads(2)
 def rss_mb():  # current resident set size, from /proc
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 base = rss_mb()
 t = time.time()
-if {loader!r} == "llama.load_model":
-    model = llama.load_model({path!r})
+if {loader!r} == "checkpoint.load_model":
+    model = checkpoint.load_model({path!r})
 else:  # the naive way: read the whole state dict into memory, then build and fill a model
     from safetensors.torch import load_file
-    cfg, _ = llama.read_checkpoint({path!r})
+    cfg, _ = checkpoint.read_checkpoint({path!r})
     state = load_file({path!r} + "/model.safetensors")
     model = llama.Llama(cfg)
     model.load_state_dict(state)
@@ -43,6 +44,7 @@ print(peak - base, load_s)
 def make_checkpoint(folder: Path, layers: int) -> int:
     import torch
 
+    import checkpoint
     import llama
     cfg = llama.LlamaConfig(dim=2048, n_layers=layers, n_heads=16, n_kv_heads=16, ffn_dim=5632, vocab_size=32000)
     if not (folder / "model.safetensors").exists():
@@ -53,7 +55,7 @@ def make_checkpoint(folder: Path, layers: int) -> int:
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(std=0.02)
-        llama.save_model(model, folder)
+        checkpoint.save_model(model, folder)
         del model
     return (folder / "model.safetensors").stat().st_size
 
@@ -67,7 +69,7 @@ def main():
     folder = Path(args.dir)
     size = make_checkpoint(folder, args.layers)
     rows = []
-    for loader in ("llama.load_model", "safetensors.load_file + load_state_dict"):
+    for loader in ("checkpoint.load_model", "safetensors.load_file + load_state_dict"):
         code = CHILD.format(root=str(ROOT), loader=loader, path=str(folder))
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
         peak_mb, load_s = float(out[0]), float(out[1])

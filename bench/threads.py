@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+import checkpoint
 import demo  # noqa: E402
 import evaluate  # noqa: E402
 import llama  # noqa: E402
@@ -40,7 +41,7 @@ def demo_steps(steps: int = 20):
 
 def prune_steps(steps: int = 8):
     """nuteprune.prune_step on stories260K: pkd with the layer loss, a batch of 16 blocks of 128 tokens."""
-    model, _ = llama.load(DATA / "stories260K" / "stories260K.bin", DATA / "stories260K" / "tok512.model")
+    model, _ = checkpoint.load(DATA / "stories260K" / "stories260K.bin", DATA / "stories260K" / "tok512.model")
     llama.add_lora(model)
     model.train()
     gates = npr.Gates(model.config)
@@ -53,7 +54,7 @@ def prune_steps(steps: int = 8):
 
 def evaluator(windows: int = 64):
     """evaluate.mean_nll (the perplexity loop) on stories260K over windows of 256 tokens, batches of 8."""
-    model, _ = llama.load(DATA / "stories260K" / "stories260K.bin", DATA / "stories260K" / "tok512.model")
+    model, _ = checkpoint.load(DATA / "stories260K" / "stories260K.bin", DATA / "stories260K" / "tok512.model")
     w = torch.randint(0, 512, (windows, 256), generator=torch.Generator().manual_seed(0))
     return lambda: evaluate.mean_nll(model, w, 8)
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import checkpoint
 import export  # noqa: E402
 import llama  # noqa: E402
 
@@ -74,7 +75,7 @@ def main(argv=None):
     p.add_argument("--prompt", default="Once upon a time, there was a little girl named Lily.")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    model, tok = llama.load(a.pruned)
+    model, tok = checkpoint.load(a.pruned)
     ids = tok.encode(Path(a.text).read_text()[:a.windows * a.seq_len * 8], bos=True)
     windows = [ids[i:i + a.seq_len] for i in range(0, len(ids) - a.seq_len, a.seq_len)][:a.windows]
     prompt = tok.encode(a.prompt, bos=True)

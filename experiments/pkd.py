@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "experiments"), str(ROOT)]  # stories260k, plots; then llama, data, evaluate, demo
@@ -537,8 +538,8 @@ def final_ppl(ctx: Ctx, regime: str, p: dict, model) -> float:
     BOS per story, the layout the model was trained on; the plain-text protocol would feed it the blank lines between
     stories, which it never saw)."""
     import evaluate
-    import llama
-    tok = llama.Tokenizer(p["tokenizer"])
+    import checkpoint
+    tok = checkpoint.SentencePieceTokenizer(p["tokenizer"])
     if regime == "stories260k":
         return evaluate.perplexity(model, tok, Path(p["heldout"]).read_text(encoding="utf-8"), seq_len=256,
                                    batch_size=16)
@@ -556,15 +557,15 @@ def dense_and_oneshot(ctx: Ctx, regime: str, p: dict) -> dict:
     import baselines
     import data
     import llama
-    model = llama.load_model(p["ckpt"])
+    model = checkpoint.load_model(p["ckpt"])
     rec = {"dense": final_ppl(ctx, regime, p, model)}
-    blocks = data.calibration_blocks(p["data"], llama.Tokenizer(p["tokenizer"]), 20000, 128,
+    blocks = data.calibration_blocks(p["data"], checkpoint.SentencePieceTokenizer(p["tokenizer"]), 20000, 128,
                                      ctx.out / regime / "cache")[:64]  # unused by magnitude scores
     for t in (0.1, 0.3, 0.5):
         with torch.no_grad():
             masks = baselines.prune_masks(model, "magnitude", t, blocks)
             rec[str(t)] = final_ppl(ctx, regime, p, llama.prune_model(model, masks))
-        model = llama.load_model(p["ckpt"])
+        model = checkpoint.load_model(p["ckpt"])
     _write_json(path, rec)
     ctx.log(f"{regime}: dense PPL {rec['dense']:.3f}; one-shot magnitude 10/30/50%: "
             f"{rec['0.1']:.3f} / {rec['0.3']:.3f} / {rec['0.5']:.3f}")
@@ -641,9 +642,9 @@ def supervise(ctx: Ctx, cmd: list[str], run: Path) -> tuple:
 
 def result_record(ctx: Ctx, regime: str, p: dict, setting: str, seed: int, run: Path, times: list) -> dict:
     """A finished run's record: its report, the held-out PPL of its pruned model, its times and its log summary."""
-    import llama
+    import checkpoint
     report = json.loads((run / "report.json").read_text())
-    ppl = final_ppl(ctx, regime, p, llama.load_model(run / "pruned"))
+    ppl = final_ppl(ctx, regime, p, checkpoint.load_model(run / "pruned"))
     return {"regime": regime, "setting": setting, "seed": seed, "target": report["target"],
             "sparsity": report["sparsity"], "steps": report["steps"], "stage2_start": report["stage2_start"],
             "ppl": ppl, "ppl_blocks": report["ppl_after"], "ppl_before": report["ppl_before"],

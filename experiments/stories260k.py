@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import baselines  # noqa: E402
+import checkpoint
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import llama  # noqa: E402
@@ -124,7 +125,7 @@ class Context:
         self.ckpt, self.tok_path, src = data_paths(a.data_dir)
         self.a, self.out = a, Path(a.out)
         self.calib, self.heldout = split_tinystories(src, self.out, a.heldout_frac)
-        self.tok = llama.Tokenizer(self.tok_path)
+        self.tok = checkpoint.SentencePieceTokenizer(self.tok_path)
         self.heldout_text = self.heldout.read_text(encoding="utf-8")
         self.heldout_tokens = len(self.tok.encode(self.heldout_text, bos=True))
         self.blocks = data.calibration_blocks(self.calib, self.tok, 20000, a.block_size, self.out / "cache")
@@ -185,7 +186,7 @@ def nuteprune_job(ctx: Context, s: Setting, seed: int) -> dict:
         ctx.log(f"done  {run.name} in {time.time() - t0:.0f} s")
     report = json.loads((run / "report.json").read_text())
     t0 = time.thread_time()
-    model = llama.load_model(run / "pruned")
+    model = checkpoint.load_model(run / "pruned")
     rec = {"kind": "nuteprune", "setting": s.name, "label": s.label, "target": s.target, "seed": seed,
            "sparsity": report["sparsity"], "ppl": ctx.ppl(model), "steps": report["steps"],
            "wall_s": report["wall_time_s"], "cpu_s": None if cpu is None else cpu + time.thread_time() - t0,
@@ -203,7 +204,7 @@ def dense_job(ctx: Context) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     t0, c0 = time.time(), time.thread_time()
-    model = llama.load_model(ctx.ckpt)
+    model = checkpoint.load_model(ctx.ckpt)
     rec = {"kind": "dense", "setting": "dense", "target": 0.0, "seed": None, "sparsity": 0.0, "ppl": ctx.ppl(model),
            "wall_s": time.time() - t0, "cpu_s": time.thread_time() - c0}
     _write_json(path, rec)
@@ -218,7 +219,7 @@ def baseline_job(ctx: Context, method: str, target: float, seed: int | None) -> 
     if path.is_file():
         return json.loads(path.read_text())
     t0, c0 = time.time(), time.thread_time()
-    model = llama.load_model(ctx.ckpt)
+    model = checkpoint.load_model(ctx.ckpt)
     masks = baselines.prune_masks(model, method, target, ctx.blocks)
     pruned = llama.prune_model(model, masks)
     sparsity = 1 - llama.prunable_params(pruned.config) / llama.prunable_params(model.config)
@@ -358,7 +359,7 @@ def _ablation_table(by) -> list[str]:
 
 
 def _structure_table(results: list[dict], a: argparse.Namespace, ctx: Context) -> list[str]:
-    cfg = llama.load_model(ctx.ckpt).config
+    cfg = checkpoint.load_model(ctx.ckpt).config
     shown = [r for r in results if r["kind"] == "nuteprune" and r["setting"] in ("pkd-50", "pkd-20")
              and r["seed"] == a.seeds[0]] + [r for r in results if r["kind"] == "baseline" and not r["tuned"]]
     lines = ["", f"## Kept structure per layer, seed {a.seeds[0]} (the paper's Tables 11-12)", "",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -46,7 +47,7 @@ def tiny_llama(seed=0, **cfg):
 
 
 class CharTokenizer:
-    """Stand-in for llama.Tokenizer: one id per character (3 + ord(c) mod (vocab_size - 3)), BOS 1, EOS 2. .path is a
+    """Stand-in for checkpoint.Tokenizer: one id per character (3 + ord(c) mod (vocab_size - 3)), BOS 1, EOS 2. .path is a
     file whose bytes key data.py's token cache; .calls counts encode calls."""
 
     bos_id, eos_id = 1, 2
@@ -80,7 +81,7 @@ def files(tmp_path_factory):
     torch.manual_seed(0)
     model = llama.Llama(llama.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=64,
                                           max_seq_len=256))
-    llama.save_model(model, d / "model", tokenizer_path=d / "tok.model")
+    checkpoint.save_model(model, d / "model", tokenizer_path=d / "tok.model")
     alpaca = [{"instruction": f"Tell me about the {rng.choice(WORDS)}.", "input": rng.choice(["", "a dog"]),
                "output": " ".join(rng.choice(WORDS) for _ in range(8))} for _ in range(12)]
     (d / "alpaca.json").write_text(json.dumps(alpaca))

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import llama
 import nuteprune as npr
 from conftest import ROOT, args, ft
@@ -36,7 +37,7 @@ def test_smoke_whole_command(files, tmp_path):
     assert "expected_sparsity" in r.stdout  # greppable lines
 
     # the exported model is what load_run's masked model computes, and its size is the report's
-    pruned = llama.load_model(out / "pruned")
+    pruned = checkpoint.load_model(out / "pruned")
     model, masks, tok = npr.load_run(out)
     assert llama.count_params(pruned) == report["params_pruned"]
     idx = torch.randint(0, 64, (2, 20))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import demo
-import llama
 
 TINY = demo.DemoConfig(train_docs=200, heldout_docs=20, vocab_size=200, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                        ffn_dim=64, seq_len=64, batch_size=8, steps=60, lr=1e-2, threads=1)  # 1: fast even on a busy CPU
@@ -62,7 +62,7 @@ def test_tiny_build_trains_saves_and_is_cached(tmp_path):
     assert not set(train) & set(heldout)
 
     # what was saved is the trained model: its held-out loss is the one the build measured
-    model, tok = llama.load(paths["ckpt"])
+    model, tok = checkpoint.load(paths["ckpt"])
     assert tok.bos_id == 1 and tok.eos_id == 2 and tok.vocab_size == model.config.vocab_size
     assert model.config.n_kv_heads < model.config.n_heads  # grouped-query attention
     ids = demo.token_stream(tok, heldout)

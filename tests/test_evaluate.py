@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import data
 import evaluate as ev
 import llama
@@ -96,7 +97,7 @@ def test_bad_items_raise_value_error():
 
 @pytest.fixture(scope="module")
 def llama_tok():
-    return llama.Tokenizer(need("llama_tokenizer", "tokenizer.model"))
+    return checkpoint.SentencePieceTokenizer(need("llama_tokenizer", "tokenizer.model"))
 
 
 def pieces(tok, ids):
@@ -434,7 +435,7 @@ def test_table_names_the_file_that_replaced_a_data_set(tmp_path):
 
 @pytest.fixture(scope="module")
 def stories():
-    model, tok = llama.load(need("stories260K", "stories260K.bin"), need("stories260K", "tok512.model"))
+    model, tok = checkpoint.load(need("stories260K", "stories260K.bin"), need("stories260K", "tok512.model"))
     cfg = model.config
     g = torch.Generator().manual_seed(0)
     head = (torch.rand(cfg.n_layers, cfg.n_heads, generator=g) > 0.3).float() * 0.97
@@ -448,7 +449,7 @@ def test_pruned_export_equals_masked_model(stories, tmp_path):
     tasks = ["wikitext2", "arc_easy", "winogrande", "hellaswag"]
     kw = dict(seq_len=256, limit=12, batch_size=4)
     masked = ev.evaluate(model, tok, tasks, need(), masks=masks, **kw)
-    llama.export_pruned(model, masks, tmp_path / "export", tokenizer_path=tok.path)
+    checkpoint.export_pruned(model, masks, tmp_path / "export", tokenizer_path=tok.path)
     pruned, m, tok2, kind = ev.load_for_eval(tmp_path / "export")
     assert m is None and kind == "pruned"
     exported = ev.evaluate(pruned, tok2, tasks, need(), **kw)
@@ -468,7 +469,7 @@ def test_nuteprune_run_directory(stories, tmp_path, capsys):
     assert ev.main(["--ckpt", str(run), "--data-dir", str(need()), "--tasks", "arc_easy"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--resume" in err[0]
-    llama.export_pruned(model, masks, run / "pruned", tokenizer_path=tok.path)
+    checkpoint.export_pruned(model, masks, run / "pruned", tokenizer_path=tok.path)
     out = tmp_path / "r.json"
     argv = ["--ckpt", str(run), "--data-dir", str(need()), "--tasks", "arc_easy,wikitext2", "--limit", "6"]
     assert ev.main(argv + ["--seq-len", "4096"]) == 2  # beyond the model's 512 positions: an error, not a cap

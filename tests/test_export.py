@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import export
 import llama
 from conftest import DATA, ROOT, need, tiny_llama
@@ -41,10 +42,10 @@ def pruned(request, tmp_path_factory):
     """An exported pruned model (its folder) and llama.py's reload of it."""
     kind = request.param
     out = tmp_path_factory.mktemp(kind) / "pruned"
-    cfg = llama.export_pruned(tiny_llama(**(MHA if kind == "mha" else GQA)), corner_masks(kind), out,
+    cfg = checkpoint.export_pruned(tiny_llama(**(MHA if kind == "mha" else GQA)), corner_masks(kind), out,
                               TOKENIZER if TOKENIZER.exists() else None)
     assert cfg.dim < 32 and not cfg.uniform
-    return out, llama.load_model(out)
+    return out, checkpoint.load_model(out)
 
 
 def hf_load(path):
@@ -103,7 +104,7 @@ def test_transformers_tokenizer(pruned):
     need("stories260K", "tok512.model")
     tok = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     text = "Once upon a time, Lily saw a big dog."
-    assert tok(text).input_ids == llama.Tokenizer(TOKENIZER).encode(text, bos=True)
+    assert tok(text).input_ids == checkpoint.SentencePieceTokenizer(TOKENIZER).encode(text, bos=True)
 
 
 def test_transformers_save_pretrained_roundtrips(pruned, tmp_path):
@@ -112,16 +113,16 @@ def test_transformers_save_pretrained_roundtrips(pruned, tmp_path):
     assert (tmp_path / "modeling_nuteprune.py").exists()
     idx = torch.tensor([PROMPT])
     with torch.no_grad():
-        torch.testing.assert_close(llama.load_model(tmp_path)(idx), model(idx), atol=0, rtol=0)
+        torch.testing.assert_close(checkpoint.load_model(tmp_path)(idx), model(idx), atol=0, rtol=0)
         torch.testing.assert_close(hf_load(tmp_path)(idx).logits, model(idx), atol=1e-4, rtol=0)
 
 
 def test_scaled_rope_in_every_runtime(tmp_path):
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 16}
-    llama.export_pruned(tiny_llama(**GQA, rope_scaling=rope, rope_theta=500000.0), corner_masks("gqa"), tmp_path,
+    checkpoint.export_pruned(tiny_llama(**GQA, rope_scaling=rope, rope_theta=500000.0), corner_masks("gqa"), tmp_path,
                         TOKENIZER if TOKENIZER.exists() else None)
-    model, idx = llama.load_model(tmp_path), torch.arange(1, 60)[None]  # positions beyond the original 16
+    model, idx = checkpoint.load_model(tmp_path), torch.arange(1, 60)[None]  # positions beyond the original 16
     with torch.no_grad():
         ref = model(idx)
         torch.testing.assert_close(hf_load(tmp_path)(idx).logits, ref, atol=1e-4, rtol=0)
@@ -137,7 +138,7 @@ def test_scaled_rope_in_every_runtime(tmp_path):
 
 def test_uniform_export_stays_plain_llama(tmp_path):
     model = tiny_llama(**MHA)
-    llama.save_model(model, tmp_path)
+    checkpoint.save_model(model, tmp_path)
     c = json.loads((tmp_path / "config.json").read_text())
     assert c["model_type"] == "llama" and "auto_map" not in c and not (tmp_path / "modeling_nuteprune.py").exists()
     assert export.padding_report(model.config, export.plan_gguf(model.config))["added_params"] == 0

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+import checkpoint
 import llama
 from conftest import GQA, MHA, need, tiny_llama
 
@@ -49,7 +50,7 @@ def test_hf_parity(tmp_path, cfg, layout):
         ref.save_pretrained(tmp_path, max_shard_size="20KB" if layout == "sharded" else "5GB")
     if layout == "sharded":
         assert (tmp_path / "model.safetensors.index.json").exists()
-    model = llama.load_model(tmp_path)
+    model = checkpoint.load_model(tmp_path)
     idx = torch.randint(0, cfg["vocab_size"], (2, 17))
     with torch.no_grad():
         torch.testing.assert_close(model(idx), ref(idx).logits, atol=1e-4, rtol=0)
@@ -60,7 +61,7 @@ def test_hf_parity_llama3_rope(tmp_path):
             "original_max_position_embeddings": 16, "rope_theta": 500000.0}
     ref = hf_model(GQA, rope_parameters=rope)
     ref.save_pretrained(tmp_path)
-    model = llama.load_model(tmp_path)
+    model = checkpoint.load_model(tmp_path)
     assert model.config.rope_scaling["rope_type"] == "llama3" and model.config.rope_theta == 500000.0
     idx = torch.randint(0, 64, (1, 40))
     with torch.no_grad():
@@ -70,7 +71,7 @@ def test_hf_parity_llama3_rope(tmp_path):
 def test_hidden_states_match_hf(tmp_path):
     ref = hf_model(GQA)
     ref.save_pretrained(tmp_path)
-    model = llama.load_model(tmp_path)
+    model = checkpoint.load_model(tmp_path)
     idx = torch.randint(0, 64, (1, 9))
     with torch.no_grad():
         _, hidden = model(idx, output_hidden=True)
@@ -111,7 +112,7 @@ def test_meta_sharded_checkpoint(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps({"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
                                                       "n_kv_heads": cfg.n_kv_heads, "vocab_size": -1,
                                                       "norm_eps": cfg.norm_eps, "multiple_of": 8}))
-    loaded = llama.load_model(tmp_path)
+    loaded = checkpoint.load_model(tmp_path)
     idx = torch.randint(0, 64, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx), model(idx), atol=1e-5, rtol=0)
@@ -121,7 +122,7 @@ def test_meta_sharded_checkpoint(tmp_path):
 
 def test_stories260k_greedy_reference():
     ref = json.loads(need("stories260K", "greedy_reference_256steps.json").read_text())
-    model, tok = llama.load(need("stories260K", "stories260K.bin"), need("stories260K", "tok512.model"))
+    model, tok = checkpoint.load(need("stories260K", "stories260K.bin"), need("stories260K", "tok512.model"))
     assert model.config.n_kv_heads == 4 and model.config.tie_embeddings
     ids = torch.tensor([ref["token_ids"]])
     with torch.no_grad():
@@ -163,8 +164,8 @@ def test_export_equals_masked_model(tmp_path, cfg, soft):
     for p in llama.lora_state(model).values():  # a trained-looking adapter, so merging is exercised
         torch.nn.init.normal_(p, std=0.05)
     masks = random_masks(model.config, soft=soft)
-    new_cfg = llama.export_pruned(model, masks, tmp_path)
-    pruned = llama.load_model(tmp_path)
+    new_cfg = checkpoint.export_pruned(model, masks, tmp_path)
+    pruned = checkpoint.load_model(tmp_path)
     idx = torch.randint(0, 64, (2, 15))
     with torch.no_grad():
         torch.testing.assert_close(pruned(idx), model(idx, masks), atol=1e-4, rtol=0)
@@ -231,31 +232,31 @@ def test_lora_state_roundtrip_and_zero():
 
 def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        llama.load_model(tmp_path / "missing")
+        checkpoint.load_model(tmp_path / "missing")
     (tmp_path / "weights.pt").write_bytes(b"x")
     with pytest.raises(ValueError, match="unknown checkpoint format"):
-        llama.load_model(tmp_path / "weights.pt")
+        checkpoint.load_model(tmp_path / "weights.pt")
     bad = tmp_path / "bad.bin"
     bad.write_bytes(b"\x00" * 40)
     with pytest.raises(ValueError, match="not a llama2.c checkpoint"):
-        llama.load_model(bad)
+        checkpoint.load_model(bad)
     hf = hf_model(MHA)
     hf.save_pretrained(tmp_path / "hf")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg | {"intermediate_size": 50}))
     with pytest.raises(ValueError, match="mlp.gate_proj.weight' has shape"):
-        llama.load_model(tmp_path / "hf")
+        checkpoint.load_model(tmp_path / "hf")
     # truncated safetensors
     hf.save_pretrained(tmp_path / "cut")
     st = tmp_path / "cut" / "model.safetensors"
     st.write_bytes(st.read_bytes()[:-1000])
     with pytest.raises(ValueError, match="beyond the end of the file"):
-        llama.load_model(tmp_path / "cut")
+        checkpoint.load_model(tmp_path / "cut")
     with pytest.raises(ValueError, match="no SentencePiece tokenizer"):
-        llama.find_tokenizer(tmp_path / "hf")
+        checkpoint.find_tokenizer(tmp_path / "hf")
 
 
 def test_wrong_tokenizer_is_rejected():
     tok = need("llama_tokenizer", "tokenizer.model")  # 32k pieces for a 512-token model
     with pytest.raises(ValueError, match="wrong tokenizer"):
-        llama.load(need("stories260K", "stories260K.bin"), tok)
+        checkpoint.load(need("stories260K", "stories260K.bin"), tok)
