@@ -186,7 +186,7 @@ def test_plan_from_config_json_alone(tmp_path, monkeypatch, capsys):
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}
     (tmp_path / "config.json").write_text(json.dumps(cfg))  # no weights, no tokenizer
-    monkeypatch.setattr(llama, "load", lambda *a, **kw: pytest.fail("--plan loaded weights"))
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **kw: pytest.fail("--plan loaded weights"))
     npr.main(["--ckpt", str(tmp_path), "--target", "0.5", "--plan", "--dtype", "bf16", "--grad-ckpt"])
     out = capsys.readouterr().out
     assert "6.74B parameters" in out and "GB per device" in out and "8 GPUs" in out
