@@ -153,7 +153,7 @@ def test_a_damaged_checkpoint_is_a_one_line_error_and_nothing_changes(files, tmp
 
 
 def test_bad_paths_are_answered_before_any_work(files, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(npr.llama, "load", lambda *a, **kw: pytest.fail("loaded a model before checking the flags"))
+    monkeypatch.setattr(npr.checkpoint, "load", lambda *a, **kw: pytest.fail("loaded a model before checking the flags"))
     (tmp_path / "afile").write_text("x")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "noweights").mkdir()
