@@ -3,6 +3,7 @@ back as a Hugging Face folder. llama.py holds the model; this file holds the fil
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import mmap
@@ -14,48 +15,11 @@ from pathlib import Path
 
 import torch
 
-from llama import Llama, LlamaConfig, Masks, lora_modules, meta_model, prune_model
+from llama import Llama, LlamaConfig, Masks, lora_modules, meta_model, prune_model, rope_inv_freq
+from tokenization import SentencePieceTokenizer, Tokenizer, find_tokenizer
 
 # -----------------------------------------------------------------------------
-# tokenizer
-
-
-class SentencePieceTokenizer:
-    def __init__(self, path):
-        import sentencepiece as spm
-        self.path = str(path)
-        if not os.path.isfile(self.path):
-            raise ValueError(f"tokenizer {self.path} does not exist; pass --tokenizer PATH/tokenizer.model")
-        self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.Load(self.path)
-        except Exception as e:  # sentencepiece raises OSError/RuntimeError on a bad file
-            raise ValueError(f"tokenizer {self.path} is not a SentencePiece model ({e})") from None
-        self.bos_id, self.eos_id, self.vocab_size = self.sp.bos_id(), self.sp.eos_id(), self.sp.vocab_size()
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + self.sp.EncodeAsIds(text) + [self.eos_id] * eos
-
-    def decode(self, ids) -> str:
-        return self.sp.DecodeIds([int(i) for i in ids])
-
-
-def find_tokenizer(ckpt_path, tokenizer_path=None) -> Tokenizer:
-    if tokenizer_path:
-        return SentencePieceTokenizer(tokenizer_path)
-    p = Path(ckpt_path)
-    folder = p if p.is_dir() else p.parent
-    candidates = [folder / "tokenizer.model"] + sorted(folder.glob("*.model"))
-    for c in candidates:
-        if c.is_file():
-            return SentencePieceTokenizer(c)
-    raise ValueError(f"no SentencePiece tokenizer (tokenizer.model or *.model) beside {ckpt_path}; "
-                     "pass --tokenizer PATH")
-
-Tokenizer = SentencePieceTokenizer  # the type every command's tokenizer has
-
-# -----------------------------------------------------------------------------
-# reading: HF directory, Meta original directory, llama2.c .bin
+# reading: HF directory, Meta original directory, llama2.c .bin, GGUF
 
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -212,6 +176,121 @@ def _llama2c_bin(path: Path) -> tuple[LlamaConfig, dict]:
     return cfg, state
 
 
+INSTALL_GGUF = "pip install gguf"
+GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def _gguf_reader(path: Path):
+    """The gguf package's reader, kept for the file's current version: parsing the metadata of a 49k-token
+    vocabulary takes seconds, and a load asks for it three times (checks, weights, tokenizer)."""
+    st = Path(path).stat()
+    return _cached_reader(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, size: int, mtime_ns: int):
+    try:
+        import gguf
+    except ImportError:
+        raise ValueError(f"{path}: reading GGUF needs the `gguf` package: {INSTALL_GGUF}") from None
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (no GGUF magic)")
+    try:
+        reader = gguf.GGUFReader(path)
+        reader.metadata = {k: _gguf_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        return reader
+    except Exception as e:  # struct/numpy/ValueError on a truncated or damaged file
+        raise ValueError(f"{path}: cannot read GGUF (truncated download? {type(e).__name__}: {e})") from None
+
+
+def _gguf_value(field):
+    v = field.contents()
+    return v.tolist() if hasattr(v, "tolist") else v
+
+
+def gguf_metadata(path) -> dict:
+    """Every key/value of a GGUF file (arrays as lists); the tensors are not read."""
+    return _gguf_reader(Path(path)).metadata
+
+
+def _gguf_config(path: Path, meta: dict, names: dict) -> LlamaConfig:
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: GGUF architecture '{arch}' is not a LLaMA (only 'llama' is read); "
+                         f"convert the original Hugging Face folder instead")
+    a = lambda k, d=None: meta.get(f"llama.{k}", d)  # noqa: E731
+    H = a("attention.head_count")
+    emb = names["token_embd.weight"]
+    cfg = LlamaConfig(dim=a("embedding_length"), n_layers=a("block_count"), n_heads=H,
+                      n_kv_heads=a("attention.head_count_kv", H), head_dim=a("attention.key_length", 0),
+                      ffn_dim=a("feed_forward_length"), vocab_size=int(emb.shape[1]),
+                      norm_eps=a("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=a("rope.freq_base", 10000.0),
+                      max_seq_len=a("context_length", 2048), tie_embeddings="output.weight" not in names)
+    if isinstance(H, list) or isinstance(cfg.n_kv_heads, list) or isinstance(cfg.ffn_dim, list):
+        raise ValueError(f"{path}: per-layer head or FFN counts are not read; load the Hugging Face export instead")
+    kind = a("rope.scaling.type", "none")
+    if kind == "linear":
+        cfg.rope_scaling = {"rope_type": "linear", "factor": a("rope.scaling.factor")}
+    elif kind not in ("none", None):
+        raise ValueError(f"{path}: RoPE scaling '{kind}' is not supported (linear, llama3)")
+    if "rope_freqs.weight" in names:  # Llama-3.1/3.2: llama3 scaling stored as per-frequency factors
+        cfg.rope_scaling = _llama3_scaling(path, cfg, _dequantize(names["rope_freqs.weight"], path))
+    return cfg
+
+
+def _llama3_scaling(path: Path, cfg: LlamaConfig, factors: torch.Tensor) -> dict:
+    """llama.cpp stores llama3 RoPE scaling as 1 / (per-frequency scale); recover Meta's parameters and check them."""
+    s = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 8192}
+    base = LlamaConfig(**{**cfg.__dict__, "rope_scaling": None})
+    expected = rope_inv_freq(base) / factors.float()
+    if not torch.allclose(rope_inv_freq(LlamaConfig(**{**cfg.__dict__, "rope_scaling": s})), expected, rtol=1e-4):
+        raise ValueError(f"{path}: rope_freqs.weight is not llama3 scaling with factor {s['factor']}, "
+                         f"low/high 1/4 and 8192 positions; load the Hugging Face folder instead")
+    return s
+
+
+def _dequantize(t, path: Path) -> torch.Tensor:
+    from gguf.quants import dequantize
+    try:
+        arr = dequantize(t.data, t.tensor_type)
+    except (NotImplementedError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which the gguf package cannot "
+                         f"dequantise ({e}); requantise it to q8_0 or f16 with llama-quantize") from None
+    shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dimensions innermost first
+    arr = arr.reshape(shape).astype("float32", copy=False)
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # F32 tensors are views of the read-only map
+
+
+def _gguf(path: Path, dtype: torch.dtype | None = None) -> tuple[LlamaConfig, dict]:
+    """A llama GGUF: dequantised (every type the gguf package reads), Q/K rows back from llama.cpp's RoPE order."""
+    reader = _gguf_reader(path)
+    names = {t.name: t for t in reader.tensors}
+    cfg = _gguf_config(path, reader.metadata, names)
+    state = {}
+    for name, t in names.items():
+        parts = name.split(".")
+        if name == "rope_freqs.weight":
+            continue
+        if parts[0] == "blk":
+            if parts[2] not in GGUF_NAMES:
+                raise ValueError(f"{path}: unexpected tensor {name} (not a LLaMA layer)")
+            key = f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.weight"
+        else:
+            key = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                   "output.weight": "lm_head.weight"}.get(name)
+            if key is None:
+                raise ValueError(f"{path}: unexpected tensor {name} (not a LLaMA model)")
+        w = _dequantize(t, path)
+        if parts[-2] in ("attn_q", "attn_k"):  # llama.cpp stores Meta's interleaved order
+            w = _meta_permute(w, cfg.n_heads if parts[-2] == "attn_q" else cfg.n_kv_heads)
+        state[key] = w.to(dtype) if dtype is not None else w
+    return cfg, state
+
+
 def check_checkpoint(path, weights: bool = True) -> LlamaConfig | None:
     """Cheap checks that path is a checkpoint read_checkpoint can load, reading no weights: the config (None for a
     Meta directory, whose sizes live in the weights) or a ValueError naming what is missing. weights=False accepts
@@ -233,27 +312,36 @@ def check_checkpoint(path, weights: bool = True) -> LlamaConfig | None:
         if not any(p.glob("consolidated.*.pth")):
             raise ValueError(f"{p}: params.json found but no consolidated.*.pth weights")
         return None
+    if p.is_file() and p.suffix == ".gguf":
+        reader = _gguf_reader(p)
+        if reader.metadata.get("split.count", 1) > 1:
+            raise ValueError(f"{p}: one part of a split GGUF; merge the parts first (llama-gguf-split --merge)")
+        return _gguf_config(p, reader.metadata, {t.name: t for t in reader.tensors})
     if p.is_file() and p.suffix == ".bin":
         with open(p, "rb") as f:
             if len(f.read(28)) < 28:
                 raise ValueError(f"{p}: too short to be a llama2.c checkpoint")
         return None
     raise ValueError(f"{p}: unknown checkpoint format; expected an HF directory (config.json + *.safetensors/*.bin), "
-                     "a Meta directory (params.json + consolidated.*.pth) or a llama2.c .bin file")
+                     "a Meta directory (params.json + consolidated.*.pth), a llama2.c .bin or a .gguf file")
 
 
-def read_checkpoint(path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+def read_checkpoint(path, dtype: torch.dtype | None = None) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """The config and state dict (HF names and RoPE order). dtype casts GGUF tensors as they are dequantised, so a
+    quantised file never lies whole in fp32; the other formats are memory-mapped and cast by the caller."""
     p = Path(path)
     cfg = check_checkpoint(p)  # the layout, and for an HF directory its config, without reading weights
     if p.is_dir() and (p / "config.json").is_file():
         return cfg, _hf_state(p)
     if p.is_dir():
         return _meta_dir(p)
+    if p.suffix == ".gguf":
+        return _gguf(p, dtype)
     return _llama2c_bin(p)
 
 
 def load_model(path, device="cpu", dtype=torch.float32) -> Llama:
-    cfg, state = read_checkpoint(path)
+    cfg, state = read_checkpoint(path, dtype)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     model = meta_model(cfg)
@@ -309,12 +397,15 @@ def atomic_write(path, write) -> None:
 HF_CODE = Path(__file__).resolve().parent / "hf"  # configuration_nuteprune.py, modeling_nuteprune.py
 
 
-def save_model(model: Llama, out_dir, tokenizer_path=None) -> None:
-    """HF-format directory: config.json + model.safetensors (+ tokenizer.model and tokenizer_config.json); a pruned
-    model also gets its transformers code, configuration_nuteprune.py + modeling_nuteprune.py (trust_remote_code)."""
+def save_model(model: Llama, out_dir, tokenizer: Tokenizer | str | Path | None = None) -> None:
+    """HF-format directory: config.json + model.safetensors (+ the tokenizer's own files: tokenizer.model or
+    tokenizer.json, and tokenizer_config.json); a pruned model also gets its transformers code,
+    configuration_nuteprune.py + modeling_nuteprune.py (trust_remote_code)."""
     from safetensors.torch import save_file
     if lora_modules(model):
         raise ValueError("model still has LoRA adapters; call merge_lora(model) before saving")
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = SentencePieceTokenizer(tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -322,6 +413,8 @@ def save_model(model: Llama, out_dir, tokenizer_path=None) -> None:
         state.pop("lm_head.weight")
     hf = model.config.to_hf()
     hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    if tokenizer is not None:
+        hf.update(bos_token_id=tokenizer.bos_id if tokenizer.bos_id >= 0 else None, eos_token_id=tokenizer.eos_id)
     atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     for name in ("configuration_nuteprune.py", "modeling_nuteprune.py"):  # the transformers code of a pruned model
         if "auto_map" in hf:
@@ -329,25 +422,12 @@ def save_model(model: Llama, out_dir, tokenizer_path=None) -> None:
         elif (out / name).is_file():  # a stale copy from an earlier export into this folder
             (out / name).unlink()
     atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(hf, indent=2)))
-    if tokenizer_path:
-        atomic_write(out / "tokenizer.model", lambda p: shutil.copyfile(tokenizer_path, p))
-        tok = json.dumps(_hf_tokenizer_config(tokenizer_path, model.config.max_seq_len), indent=2)
-        atomic_write(out / "tokenizer_config.json", lambda p: p.write_text(tok))
+    if tokenizer is not None:
+        tokenizer.save(out, model.config.max_seq_len)
 
 
-def _hf_tokenizer_config(tokenizer_path, max_len: int) -> dict:
-    """What transformers' AutoTokenizer needs to read tokenizer.model (it cannot guess from a nuteprune model_type)."""
-    sp = SentencePieceTokenizer(tokenizer_path).sp
-    c = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": True,
-         "model_max_length": max_len, "clean_up_tokenization_spaces": False}
-    for name, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id())):
-        if i >= 0:
-            c[name] = sp.IdToPiece(i)
-    return c
-
-
-def export_pruned(model: Llama, masks: Masks, out_dir, tokenizer_path=None) -> LlamaConfig:
+def export_pruned(model: Llama, masks: Masks, out_dir, tokenizer: Tokenizer | None = None) -> LlamaConfig:
     pruned = prune_model(model, masks)
-    save_model(pruned, out_dir, tokenizer_path)
+    save_model(pruned, out_dir, tokenizer)
     return pruned.config
 

@@ -1,8 +1,11 @@
 """Text in, token ids out: C4 calibration blocks (METHOD.md §7), Stanford Alpaca fine-tuning examples (METHOD.md §7, post
 fine-tuning) and the WikiText-2 / PTB strings of the LLM-Pruner perplexity protocol (METHOD.md §9).
 
-A tokenizer here is anything with .encode(text, bos=False, eos=False) -> list[int], .bos_id, .eos_id and .path
-(the SentencePiece model file), i.e. checkpoint.Tokenizer. Of llama.py this file uses only its atomic file writer.
+A tokenizer here is anything with .encode(text, bos=False, eos=False) -> list[int], .bos_id, .eos_id, .add_bos and
+.fingerprint() (what keys the token cache), i.e. tokenization.Tokenizer.
+
+BOS follows the tokenizer: a document starts with BOS where the tokenizer adds one (LLaMA's SentencePiece, Llama-3);
+where it does not (SmolLM2, GPT-2-style BPE), documents are separated by EOS instead, as such models were trained.
 """
 from __future__ import annotations
 
@@ -105,14 +108,17 @@ def default_cache_dir() -> Path:
 
 
 def corpus_tokens(path, tokenizer, n_docs: int = 20000, cache_dir=None) -> np.ndarray:
-    """All token ids of the first n_docs documents, each prefixed by BOS, as one int32 stream.
+    """All token ids of the first n_docs documents as one int32 stream: BOS before each document, or EOS after each
+    where the tokenizer adds no BOS.
 
-    Cached on disk keyed by (tokenizer model file, data file content, n_docs): tokenising 20,000 C4 documents (47 MB)
+    Cached on disk keyed by (tokenizer, data file content, n_docs): tokenising 20,000 C4 documents (47 MB)
     takes ~15 s on one CPU core, reading the cache milliseconds. The key hashes contents, not paths, so a renamed or copied
     file still hits and an edited one misses.
     """
     p = check_file(path)
-    key = hashlib.sha256(f"{_sha256_file(tokenizer.path)}|{_sha256_file(p)}|{n_docs}".encode()).hexdigest()[:32]
+    bos = tokenizer.add_bos
+    separator = "" if bos else "|eos"  # the key of a BOS stream is what it always was
+    key = hashlib.sha256(f"{tokenizer.fingerprint()}|{_sha256_file(p)}|{n_docs}{separator}".encode()).hexdigest()[:32]
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cached = folder / f"tokens-{key}.npy"
     if cached.is_file():
@@ -120,7 +126,7 @@ def corpus_tokens(path, tokenizer, n_docs: int = 20000, cache_dir=None) -> np.nd
             return np.load(cached)
         except (OSError, ValueError):  # a corrupt cache entry (disk full, foreign file): rebuild it
             pass
-    ids = [t for doc in read_documents(p, n_docs) for t in tokenizer.encode(doc, bos=True)]
+    ids = [t for doc in read_documents(p, n_docs) for t in tokenizer.encode(doc, bos=bos, eos=not bos)]
     arr = np.asarray(ids, dtype=np.int32)
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -159,7 +165,8 @@ def alpaca_prompt(record: dict) -> str:
 
 
 def alpaca_examples(path, tokenizer, max_len: int = 512) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per record: BOS + prompt + output + EOS, labels -100 on the prompt.
+    """(input_ids, labels) per record: [BOS] + prompt + output + EOS (BOS where the tokenizer adds one), labels -100
+    on the prompt.
 
     As in stanford_alpaca: the output follows "### Response:" with no separator, the text is tokenised whole and the
     prompt's own tokenisation fixes how many leading tokens are masked; truncation keeps the first max_len tokens.
@@ -171,8 +178,8 @@ def alpaca_examples(path, tokenizer, max_len: int = 512) -> list[tuple[list[int]
         if not (isinstance(rec, dict) and all(isinstance(rec.get(k), str) for k in ("instruction", "output"))):
             raise ValueError(f"{p}: record {i} needs string 'instruction' and 'output' fields (Alpaca format)")
         prompt = alpaca_prompt(rec)
-        ids = tokenizer.encode(prompt + rec["output"], bos=True, eos=True)[:max_len]
-        n_prompt = len(tokenizer.encode(prompt, bos=True))
+        ids = tokenizer.encode(prompt + rec["output"], bos=tokenizer.add_bos, eos=True)[:max_len]
+        n_prompt = len(tokenizer.encode(prompt, bos=tokenizer.add_bos))
         labels = [IGNORE] * min(n_prompt, len(ids)) + ids[n_prompt:]
         if any(t != IGNORE for t in labels):
             out.append((ids, labels))

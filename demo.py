@@ -45,6 +45,7 @@ import checkpoint
 import data
 import evaluate
 import llama
+import tokenization
 
 VERSION = 2  # bump when the corpus, tokenizer or training changes: cached builds of another version are rebuilt
 # 2: always one thread (version 1 used up to two), a seeded SentencePiece trainer
@@ -252,7 +253,7 @@ def train_tokenizer(docs: list[str], vocab_size: int, out: Path, seed: int = 0) 
     out.write_bytes(model.getvalue())
 
 
-def token_stream(tok: checkpoint.Tokenizer, docs: list[str]) -> torch.Tensor:
+def token_stream(tok: tokenization.Tokenizer, docs: list[str]) -> torch.Tensor:
     # one BOS per document, no EOS: the layout data.corpus_tokens gives the calibration blocks
     return torch.tensor([t for d in docs for t in tok.encode(d, bos=True)], dtype=torch.long)
 
@@ -315,7 +316,7 @@ def build_demo(out: Path, cfg: DemoConfig, log) -> dict:
     write_docs(out / "train.txt", train_docs)
     write_docs(out / "heldout.txt", heldout_docs)
     train_tokenizer(train_docs, cfg.vocab_size, out / "tokenizer.model", cfg.seed)
-    tok = checkpoint.SentencePieceTokenizer(out / "tokenizer.model")
+    tok = tokenization.SentencePieceTokenizer(out / "tokenizer.model")
     train, heldout = token_stream(tok, train_docs), token_stream(tok, heldout_docs)
     log(f"demo: {len(train_docs)} train stories ({len(train)} tokens), {len(heldout_docs)} held-out stories "
         f"({len(heldout)} tokens), vocabulary {tok.vocab_size}; training {cfg.steps} steps")

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import data
+import hub
 import llama
 
 ZERO_SHOT = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -177,7 +178,7 @@ def windows(ids, seq_len: int, limit: int | None = None) -> torch.Tensor:
 
 def perplexity(model, tokenizer, text: str, seq_len: int = 2048, batch_size: int = 1, masks=None,
                limit: int | None = None, verbose: bool = False) -> float:
-    return _perplexity(model, tokenizer.encode(text, bos=True), seq_len, batch_size, masks, limit, verbose)[0]
+    return _perplexity(model, tokenizer.encode(text, bos=tokenizer.add_bos), seq_len, batch_size, masks, limit, verbose)[0]
 
 
 def _perplexity(model, ids: list[int], seq_len, batch_size, masks, limit, verbose, label="perplexity"):
@@ -272,8 +273,8 @@ def mmlu_docs(dev: list[dict], test: list[dict], tokenizer, max_len: int, k: int
             raise ValueError(f"mmlu: no dev examples for subject '{x['subject']}'")
         n = len(shots[x["subject"]])
         prompt = mmlu_prompt(x["subject"], shots[x["subject"]], x)
-        # as Hendrycks' evaluate.py: drop shots (keeping the first ones) until BOS + prompt + answer fits
-        while n > 0 and len(tokenizer.encode(prompt, bos=True)) + 1 > max_len:
+        # as Hendrycks' evaluate.py: drop shots (keeping the first ones) until [BOS] + prompt + answer fits
+        while n > 0 and len(tokenizer.encode(prompt, bos=tokenizer.add_bos)) + 1 > max_len:
             n -= 1
             prompt = mmlu_prompt(x["subject"], shots[x["subject"]][:n], x)
         docs.append(Doc([prompt] * 4, [" A", " B", " C", " D"], int(x["answer"]), None, x["subject"]))
@@ -311,10 +312,10 @@ class Request:
 def task_requests(task: str, items: list[dict], tokenizer, harness: str = "fixed", max_len: int = 2048,
                   dev: list[dict] | None = None) -> list[Request]:
     if task == "mmlu":
-        # Hendrycks' format is not a harness task: BOS as HF LLaMA tokenizers add it (the reference's instruct-eval),
+        # Hendrycks' format is not a harness task: BOS where the HF tokenizer adds it (the reference's instruct-eval),
         # the letter tokenised in context ("Answer:" + " A" -> '▁A'), whichever --harness is chosen.
         docs = mmlu_docs(dev or [], items, tokenizer, max_len)
-        harness, bos = "fixed", True
+        harness, bos = "fixed", tokenizer.add_bos
     else:
         docs, bos = [build_doc(task, x) for x in items], False
     return [Request(d, [encode_pair(tokenizer, c, t, harness, bos) for c, t in zip(d.contexts, d.continuations)])
@@ -530,7 +531,7 @@ def evaluate(model, tokenizer, tasks, data_dir=None, *, masks=None, seq_len: int
                 meta["overrides"][key] = str(files[key])
         if task in PPL_TASKS:
             text = (data.wikitext2_text if task == "wikitext2" else data.ptb_text)(path(task))
-            ppl, items[task] = _perplexity(model, tokenizer.encode(text, bos=True), seq_len, batch_size, masks,
+            ppl, items[task] = _perplexity(model, tokenizer.encode(text, bos=tokenizer.add_bos), seq_len, batch_size, masks,
                                            limit, verbose, task)
             results[task] = {"ppl": ppl}
         else:
@@ -611,8 +612,10 @@ def load_for_eval(ckpt, tokenizer=None, device="cpu", dtype=torch.float32):
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", required=True,
-                    help="checkpoint (HF/Meta dir, llama2.c .bin, exported pruned model) or nuteprune output dir")
-    ap.add_argument("--tokenizer", default=None, help="SentencePiece model; default: beside the checkpoint")
+                    help="checkpoint (HF/Meta dir, llama2.c .bin, .gguf, exported pruned model, hub id or short name) "
+                         "or nuteprune output dir")
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokenizer.model, tokenizer.json or .gguf; default: beside the checkpoint (inside a .gguf)")
     ap.add_argument("--tasks", default=",".join(ALL_TASKS), help=f"comma-separated, from {','.join(ALL_TASKS)}")
     ap.add_argument("--data-dir", default=None,
                     help="DIR/tasks/<task>.jsonl, DIR/wikitext2/wiki.test.raw, DIR/ptb/ptb.valid.txt")
@@ -647,14 +650,15 @@ def check_args(args) -> tuple[list[str], dict[str, str]]:
     for name in ("limit", "seq_len", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not Path(args.ckpt).exists():
-        raise FileNotFoundError(f"--ckpt {args.ckpt} does not exist")
     files = {**(default_paths(args.data_dir) if args.data_dir is not None else {}), **paths}
     for task in tasks:
         for key in ("mmlu_dev", "mmlu_test") if task == "mmlu" else (task,):
             if key not in files:
                 raise ValueError(f"no file for '{key}': give --data-dir or --path {key}=FILE")
             data.check_file(files[key], f"{key} file")
+    args.ckpt = hub.resolve_checkpoint(args.ckpt)  # a hub id or a short name: its folder in the Hugging Face cache
+    if not Path(args.ckpt).exists():
+        raise FileNotFoundError(f"--ckpt {args.ckpt} does not exist")
     return tasks, paths
 
 

@@ -29,6 +29,7 @@ import torch
 import checkpoint
 import evaluate  # its Parser: one-line errors, as every command of the project
 import llama
+import tokenization
 
 # -----------------------------------------------------------------------------
 # the GGUF layout of each layer (pure: sizes in, sizes out)
@@ -133,7 +134,7 @@ def gguf_tensors(cfg: llama.LlamaConfig, state: dict, plans: list[LayerPlan]):
 # writing
 
 
-def _vocab(tok: checkpoint.Tokenizer, vocab_size: int):
+def _vocab(tok: tokenization.Tokenizer, vocab_size: int):
     """SentencePiece pieces, scores and token types (llama.cpp's numbering), padded to the model's vocabulary."""
     import gguf
     sp, tokens, scores, types = tok.sp, [], [], []
@@ -193,7 +194,7 @@ def _check_output(out_path, ftype: str) -> Path:
 def _checkpoint_and_tokenizer(ckpt, tokenizer):
     """(config, state dict, tokenizer) of the checkpoint, the tokenizer checked against the model's vocabulary."""
     cfg, state = checkpoint.read_checkpoint(ckpt)
-    tok = checkpoint.find_tokenizer(ckpt, tokenizer)
+    tok = tokenization.find_tokenizer(ckpt, tokenizer)
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocabulary is "
                          f"{cfg.vocab_size}: wrong tokenizer? pass --tokenizer PATH")
@@ -227,7 +228,30 @@ def _add_hparams(w, name: str, cfg: llama.LlamaConfig, ftype: str, counts: tuple
     w.add_vocab_size(cfg.vocab_size)
 
 
-def _add_tokenizer(w, tok: checkpoint.Tokenizer, vocab_size: int) -> None:
+def _add_bpe_tokenizer(w, tok: tokenization.BPETokenizer, vocab_size: int) -> None:
+    """A byte-level BPE vocabulary as llama.cpp's gpt2 model: tokens, merges and the pre-tokenizer's name."""
+    import gguf
+    if tok.pre is None:
+        raise ValueError(f"tokenizer {tok.path}: its pre-tokenizer is none llama.cpp knows (gpt2, smollm, llama-bpe)")
+    tokens, merges, special = tok.vocab()
+    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))]
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
+    types += [gguf.TokenType.UNUSED] * (vocab_size - len(types))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(tok.pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    if tok.bos_id >= 0:
+        w.add_bos_token_id(tok.bos_id)
+    w.add_eos_token_id(tok.eos_id)
+    w.add_add_bos_token(tok.add_bos)
+    w.add_add_space_prefix(False)
+
+
+def _add_tokenizer(w, tok: tokenization.Tokenizer, vocab_size: int) -> None:
+    if isinstance(tok, tokenization.BPETokenizer):
+        return _add_bpe_tokenizer(w, tok, vocab_size)
     tokens, scores, types = _vocab(tok, vocab_size)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
@@ -237,7 +261,7 @@ def _add_tokenizer(w, tok: checkpoint.Tokenizer, vocab_size: int) -> None:
                       (w.add_unk_token_id, tok.sp.unk_id())):
         if i >= 0:
             setter(i)
-    w.add_add_bos_token(True)
+    w.add_add_bos_token(tok.add_bos)
     w.add_add_eos_token(False)
 
 
@@ -284,7 +308,7 @@ def write_hf(ckpt, out_dir, tokenizer=None) -> None:
     if Path(out_dir).resolve() == Path(ckpt).resolve():
         raise ValueError(f"--hf {out_dir} is the checkpoint itself; write to another folder")
     model = checkpoint.load_model(ckpt)
-    checkpoint.save_model(model, out_dir, checkpoint.find_tokenizer(ckpt, tokenizer).path)
+    checkpoint.save_model(model, out_dir, tokenization.find_tokenizer(ckpt, tokenizer))
     kind = "plain Llama" if model.config.uniform else "pruned: load with trust_remote_code=True"
     print(f"wrote {out_dir} ({kind})")
 

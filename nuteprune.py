@@ -41,7 +41,9 @@ import torch.nn.functional as F
 import checkpoint
 import data
 import evaluate
+import hub
 import llama
+import tokenization
 from llama import Masks
 
 # -----------------------------------------------------------------------------
@@ -532,7 +534,7 @@ def start_finetune(model: llama.Llama, c: RunConfig):
     llama.add_lora(model, c.ft_lora_targets.split(","), c.lora_rank, c.lora_alpha)  # METHOD.md §7: every projection
 
 
-def load_run(out_dir, device="cpu", dtype=torch.float32) -> tuple[llama.Llama, Masks, checkpoint.Tokenizer]:
+def load_run(out_dir, device="cpu", dtype=torch.float32) -> tuple[llama.Llama, Masks, tokenization.Tokenizer]:
     """The base model with a finished run's final LoRA and its final deterministic masks: model(idx, masks) gives
     what OUT/pruned/ gives."""
     state = load_state(out_dir)
@@ -786,9 +788,9 @@ def heldout_ppl(model: llama.Llama, blocks: torch.Tensor, c: RunConfig, autocast
     return math.exp(evaluate.mean_nll(model, blocks, c.micro_batch_size, masks, autocast=autocast))
 
 
-def export_and_report(t: Trainer, st: RunState, out: Path, tok: checkpoint.Tokenizer, heldout: torch.Tensor) -> dict:
+def export_and_report(t: Trainer, st: RunState, out: Path, tok: tokenization.Tokenizer, heldout: torch.Tensor) -> dict:
     model, c = t.model.eval(), t.c
-    cfg_pruned = checkpoint.export_pruned(model, st.final, out / "pruned", tok.path)
+    cfg_pruned = checkpoint.export_pruned(model, st.final, out / "pruned", tok)
     pruned = checkpoint.load_model(out / "pruned", *device_dtype(c))
     report = {
         "target": c.target,
@@ -915,7 +917,7 @@ def plan(c: RunConfig, worlds=(1, 2, 4, 8)) -> dict:
     b = torch.finfo(dtype).bits // 8
     with torch.device("meta"):
         model = llama.Llama(cfg)  # the meta model: its parameter count is the plan's
-    n_blocks = PLAN_BLOCKS if c.data is None else len(data.calibration_blocks(c.data, checkpoint.find_tokenizer(
+    n_blocks = PLAN_BLOCKS if c.data is None else len(data.calibration_blocks(c.data, tokenization.find_tokenizer(
         c.ckpt, c.tokenizer), c.n_docs, c.block_size, c.cache_dir))
     sched = Schedule.of(c, n_blocks - (0 if c.heldout else c.heldout_blocks), 0)
     grad_ckpt = device.type == "cuda" if c.grad_ckpt is None else c.grad_ckpt
@@ -1129,7 +1131,7 @@ def device_dtype(c: RunConfig) -> tuple[torch.device, torch.dtype]:
     return device, llama.parse_dtype(c.dtype, device.type)
 
 
-def read_data(c: RunConfig, tok: checkpoint.Tokenizer) -> tuple[torch.Tensor, torch.Tensor, list]:
+def read_data(c: RunConfig, tok: tokenization.Tokenizer) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Calibration blocks (N, block_size), held-out blocks, and the Alpaca examples of post fine-tuning."""
     blocks = data.calibration_blocks(c.data, tok, c.n_docs, c.block_size, c.cache_dir)
     if c.heldout:  # a separate file: every block of --data trains
@@ -1145,7 +1147,7 @@ def read_data(c: RunConfig, tok: checkpoint.Tokenizer) -> tuple[torch.Tensor, to
     return blocks, heldout, examples
 
 
-def setup(c: RunConfig, saved: dict | None) -> tuple[Trainer, checkpoint.Tokenizer, RunState]:
+def setup(c: RunConfig, saved: dict | None) -> tuple[Trainer, tokenization.Tokenizer, RunState]:
     """One model in memory: the frozen base, the gates, the student's LoRA (a teacher's is swapped in per step,
     METHOD.md §6); under torchrun, sharded across the ranks once the checkpoint's values are in."""
     device, dtype = device_dtype(c)
@@ -1175,7 +1177,7 @@ def setup(c: RunConfig, saved: dict | None) -> tuple[Trainer, checkpoint.Tokeniz
     return t, tok, st
 
 
-def load_base(c: RunConfig, device: torch.device, dtype: torch.dtype) -> tuple[llama.Llama, checkpoint.Tokenizer]:
+def load_base(c: RunConfig, device: torch.device, dtype: torch.dtype) -> tuple[llama.Llama, tokenization.Tokenizer]:
     model, tok = checkpoint.load(c.ckpt, c.tokenizer, device, dtype)
     if not model.config.uniform:
         raise ValueError(f"{c.ckpt} is already pruned (per-layer sizes); start from a dense checkpoint")
@@ -1283,10 +1285,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_flags(p: argparse.ArgumentParser, d: dict):
     g = p.add_argument_group("run")
-    g.add_argument("--ckpt", help="base model: HF directory, Meta directory, llama2.c .bin, or demo (built by demo.py)")
+    g.add_argument("--ckpt", help="base model: HF directory, Meta directory, llama2.c .bin, .gguf, hub id (org/name), "
+                                  "short name (llama-7b, README), or demo (built by demo.py)")
     g.add_argument("--target", type=float, help="fraction of prunable weights (q,k,v,o,gate,up,down) to remove")
-    g.add_argument("--tokenizer", help="SentencePiece model (default: beside --ckpt)")
-    g.add_argument("--data", help="calibration text: C4 .json(l)(.gz) with a 'text' field, or plain text")
+    g.add_argument("--tokenizer", help="tokenizer.model, tokenizer.json or .gguf (default: beside --ckpt, or inside it)")
+    g.add_argument("--data", help="calibration text: C4 .json(l)(.gz) with a 'text' field, or plain text (default: C4 en "
+                                  "shard 00000 from the Hugging Face cache)")
     g.add_argument("--out", default=d["out"], help="output directory: state.pt, log.jsonl, report.json, pruned/")
     g.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its checkpoint; flags given with it "
                    "must match the run's, except --log-every, --save-every, --max-steps, --ft-max-steps, --device, "
@@ -1434,9 +1438,13 @@ def parse_args(argv=None) -> tuple[RunConfig, str]:
     if a.ckpt == "demo":
         parser.set_defaults(**DEMO_DEFAULTS)
         a = parser.parse_args(argv)
-    for name in ("ckpt", "target") + (("data",) if a.ckpt != "demo" and not a.plan else ()):
+    for name in ("ckpt", "target"):
         if getattr(a, name) is None:
             raise ValueError(f"--{name} is required (or --resume OUT)")
+    if a.ckpt != "demo":
+        a.ckpt = hub.resolve_checkpoint(a.ckpt)  # a hub id or a short name: its folder in the Hugging Face cache
+        if a.data is None and not a.plan:
+            a.data = hub.default_data()  # the paper's calibration set, C4 en shard 00000, from the same cache
     c = RunConfig(**{f.name: getattr(a, f.name) for f in fields(RunConfig)})  # checks every value
     if a.plan:
         return c, "plan"

@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 import checkpoint
 import evaluate as ev  # noqa: E402
 import llama  # noqa: E402
+import tokenization
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,7 +46,7 @@ def build_model(args, data_dir: Path):
     if args.ckpt:
         model, tok = checkpoint.load(args.ckpt)
         return model, tok, args.ckpt
-    tok = checkpoint.SentencePieceTokenizer(data_dir / "llama_tokenizer" / "tokenizer.model")
+    tok = tokenization.SentencePieceTokenizer(data_dir / "llama_tokenizer" / "tokenizer.model")
     torch.manual_seed(0)
     cfg = llama.LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=args.dim // 64, n_kv_heads=args.dim // 64,
                             ffn_dim=int(args.dim * 8 / 3) // 32 * 32, vocab_size=tok.vocab_size, max_seq_len=2048)

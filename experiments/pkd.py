@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 import checkpoint
+import tokenization
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "experiments"), str(ROOT)]  # stories260k, plots; then llama, data, evaluate, demo
@@ -538,8 +539,8 @@ def final_ppl(ctx: Ctx, regime: str, p: dict, model) -> float:
     BOS per story, the layout the model was trained on; the plain-text protocol would feed it the blank lines between
     stories, which it never saw)."""
     import evaluate
-    import checkpoint
-    tok = checkpoint.SentencePieceTokenizer(p["tokenizer"])
+    import tokenization
+    tok = tokenization.SentencePieceTokenizer(p["tokenizer"])
     if regime == "stories260k":
         return evaluate.perplexity(model, tok, Path(p["heldout"]).read_text(encoding="utf-8"), seq_len=256,
                                    batch_size=16)
@@ -559,7 +560,7 @@ def dense_and_oneshot(ctx: Ctx, regime: str, p: dict) -> dict:
     import llama
     model = checkpoint.load_model(p["ckpt"])
     rec = {"dense": final_ppl(ctx, regime, p, model)}
-    blocks = data.calibration_blocks(p["data"], checkpoint.SentencePieceTokenizer(p["tokenizer"]), 20000, 128,
+    blocks = data.calibration_blocks(p["data"], tokenization.SentencePieceTokenizer(p["tokenizer"]), 20000, 128,
                                      ctx.out / regime / "cache")[:64]  # unused by magnitude scores
     for t in (0.1, 0.3, 0.5):
         with torch.no_grad():

@@ -40,6 +40,7 @@ import checkpoint
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import llama  # noqa: E402
+import tokenization
 
 # -----------------------------------------------------------------------------
 # what runs
@@ -125,7 +126,7 @@ class Context:
         self.ckpt, self.tok_path, src = data_paths(a.data_dir)
         self.a, self.out = a, Path(a.out)
         self.calib, self.heldout = split_tinystories(src, self.out, a.heldout_frac)
-        self.tok = checkpoint.SentencePieceTokenizer(self.tok_path)
+        self.tok = tokenization.SentencePieceTokenizer(self.tok_path)
         self.heldout_text = self.heldout.read_text(encoding="utf-8")
         self.heldout_tokens = len(self.tok.encode(self.heldout_text, bos=True))
         self.blocks = data.calibration_blocks(self.calib, self.tok, 20000, a.block_size, self.out / "cache")

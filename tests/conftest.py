@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,13 +48,17 @@ def tiny_llama(seed=0, **cfg):
 
 
 class CharTokenizer:
-    """Stand-in for checkpoint.Tokenizer: one id per character (3 + ord(c) mod (vocab_size - 3)), BOS 1, EOS 2. .path is a
+    """Stand-in for tokenization.Tokenizer: one id per character (3 + ord(c) mod (vocab_size - 3)), BOS 1, EOS 2. .path is a
     file whose bytes key data.py's token cache; .calls counts encode calls."""
 
     bos_id, eos_id = 1, 2
 
-    def __init__(self, path="chars", vocab_size=100):
-        self.path, self.vocab_size, self.calls = str(path), vocab_size, 0
+    def __init__(self, path="chars", vocab_size=100, add_bos=True):
+        self.path, self.vocab_size, self.calls, self.add_bos = str(path), vocab_size, 0, add_bos
+
+    def fingerprint(self):
+        import hashlib
+        return hashlib.sha256(open(self.path, "rb").read()).hexdigest()
 
     def encode(self, text, bos=False, eos=False):
         self.calls += 1
@@ -81,7 +86,7 @@ def files(tmp_path_factory):
     torch.manual_seed(0)
     model = llama.Llama(llama.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=64,
                                           max_seq_len=256))
-    checkpoint.save_model(model, d / "model", tokenizer_path=d / "tok.model")
+    checkpoint.save_model(model, d / "model", tokenizer=d / "tok.model")
     alpaca = [{"instruction": f"Tell me about the {rng.choice(WORDS)}.", "input": rng.choice(["", "a dog"]),
                "output": " ".join(rng.choice(WORDS) for _ in range(8))} for _ in range(12)]
     (d / "alpaca.json").write_text(json.dumps(alpaca))

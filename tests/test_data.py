@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-import checkpoint
 import data
+import tokenization
 from conftest import CharTokenizer, need
 
 
@@ -95,7 +95,7 @@ def test_calibration_errors(tmp_path, tok):
 
 
 def test_calibration_real_c4(tmp_path):
-    tok = checkpoint.SentencePieceTokenizer(need("llama_tokenizer", "tokenizer.model"))
+    tok = tokenization.SentencePieceTokenizer(need("llama_tokenizer", "tokenizer.model"))
     blocks = data.calibration_blocks(need("c4", "c4_en_train00000_first1000.jsonl"), tok, n_docs=50, block_size=512,
                                      cache_dir=tmp_path)
     docs = data.read_documents(need("c4", "c4_en_train00000_first1000.jsonl"), 50)
@@ -139,7 +139,7 @@ def test_pad_batch():
 
 
 def test_alpaca_real_llama_tokenizer():
-    tok = checkpoint.SentencePieceTokenizer(need("llama_tokenizer", "tokenizer.model"))
+    tok = tokenization.SentencePieceTokenizer(need("llama_tokenizer", "tokenizer.model"))
     ex = data.alpaca_examples(need("alpaca", "alpaca_data_first200.json"), tok)
     assert len(ex) == 200
     ids, labels = ex[0]

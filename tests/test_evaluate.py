@@ -9,6 +9,7 @@ import checkpoint
 import data
 import evaluate as ev
 import llama
+import tokenization
 from conftest import GQA, CharTokenizer, need, tiny_llama
 
 
@@ -97,7 +98,7 @@ def test_bad_items_raise_value_error():
 
 @pytest.fixture(scope="module")
 def llama_tok():
-    return checkpoint.SentencePieceTokenizer(need("llama_tokenizer", "tokenizer.model"))
+    return tokenization.SentencePieceTokenizer(need("llama_tokenizer", "tokenizer.model"))
 
 
 def pieces(tok, ids):
@@ -449,7 +450,7 @@ def test_pruned_export_equals_masked_model(stories, tmp_path):
     tasks = ["wikitext2", "arc_easy", "winogrande", "hellaswag"]
     kw = dict(seq_len=256, limit=12, batch_size=4)
     masked = ev.evaluate(model, tok, tasks, need(), masks=masks, **kw)
-    checkpoint.export_pruned(model, masks, tmp_path / "export", tokenizer_path=tok.path)
+    checkpoint.export_pruned(model, masks, tmp_path / "export", tokenizer=tok)
     pruned, m, tok2, kind = ev.load_for_eval(tmp_path / "export")
     assert m is None and kind == "pruned"
     exported = ev.evaluate(pruned, tok2, tasks, need(), **kw)
@@ -469,7 +470,7 @@ def test_nuteprune_run_directory(stories, tmp_path, capsys):
     assert ev.main(["--ckpt", str(run), "--data-dir", str(need()), "--tasks", "arc_easy"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--resume" in err[0]
-    checkpoint.export_pruned(model, masks, run / "pruned", tokenizer_path=tok.path)
+    checkpoint.export_pruned(model, masks, run / "pruned", tokenizer=tok)
     out = tmp_path / "r.json"
     argv = ["--ckpt", str(run), "--data-dir", str(need()), "--tasks", "arc_easy,wikitext2", "--limit", "6"]
     assert ev.main(argv + ["--seq-len", "4096"]) == 2  # beyond the model's 512 positions: an error, not a cap

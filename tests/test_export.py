@@ -8,6 +8,7 @@ import torch
 import checkpoint
 import export
 import llama
+import tokenization
 from conftest import DATA, ROOT, need, tiny_llama
 
 TOKENIZER = DATA / "stories260K" / "tok512.model"  # vocabulary 512, as the tiny models below
@@ -104,7 +105,7 @@ def test_transformers_tokenizer(pruned):
     need("stories260K", "tok512.model")
     tok = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     text = "Once upon a time, Lily saw a big dog."
-    assert tok(text).input_ids == checkpoint.SentencePieceTokenizer(TOKENIZER).encode(text, bos=True)
+    assert tok(text).input_ids == tokenization.SentencePieceTokenizer(TOKENIZER).encode(text, bos=True)
 
 
 def test_transformers_save_pretrained_roundtrips(pruned, tmp_path):

@@ -5,6 +5,7 @@ import torch
 
 import checkpoint
 import llama
+import tokenization
 from conftest import GQA, MHA, need, tiny_llama
 
 tiny = tiny_llama
@@ -252,8 +253,8 @@ def test_errors_name_the_problem(tmp_path):
     st.write_bytes(st.read_bytes()[:-1000])
     with pytest.raises(ValueError, match="beyond the end of the file"):
         checkpoint.load_model(tmp_path / "cut")
-    with pytest.raises(ValueError, match="no SentencePiece tokenizer"):
-        checkpoint.find_tokenizer(tmp_path / "hf")
+    with pytest.raises(ValueError, match="no tokenizer .tokenizer.json, tokenizer.model"):
+        tokenization.find_tokenizer(tmp_path / "hf")
 
 
 def test_wrong_tokenizer_is_rejected():
