@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-import evaluate  # its Parser: one-line errors, as every command of the project
+import cli  # its Parser: one-line errors, as every command of the project
 import llama
 
 # -----------------------------------------------------------------------------
@@ -289,7 +289,7 @@ def write_hf(ckpt, out_dir, tokenizer=None) -> None:
 
 
 def main(argv=None) -> int:
-    p = evaluate.Parser(description="Export a checkpoint (a pruned OUT/pruned/ included) for other runtimes.")
+    p = cli.Parser(description="Export a checkpoint (a pruned OUT/pruned/ included) for other runtimes.")
     p.add_argument("ckpt", help="model folder or file, any layout llama.py reads")
     p.add_argument("--gguf", metavar="FILE", help="write a GGUF file for llama.cpp")
     p.add_argument("--type", default="f32", choices=FILE_TYPES, help="weight type of 2-D tensors")
