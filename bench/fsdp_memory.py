@@ -1,4 +1,4 @@
-"""The memory plan (`nuteprune.py --plan`, nuteprune.memory_plan) against what one rank really holds, on the CPU with
+"""The memory plan (`nuteprune.py --plan`, memory_plan.memory_plan) against what one rank really holds, on the CPU with
 1 and 2 ranks (torchrun, gloo, FSDP2): the bench model of bench/train_cost.py, one pkd + layer-loss step of
 nuteprune.prune_step on each rank's share of the batch.
 
