@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from llama import Llama, LlamaConfig, Masks, lora_modules, meta_model, prune_model, rope_inv_freq
-from tokenization import SentencePieceTokenizer, Tokenizer, find_tokenizer
+from tokenization import SentencePieceTokenizer, Tokenizer, looks_like_tiktoken, open_tokenizer, tokenizer_from_gguf
 
 # -----------------------------------------------------------------------------
 # reading: HF directory, Meta original directory, llama2.c .bin, GGUF
@@ -365,6 +365,25 @@ def load_model(path, device="cpu", dtype=torch.float32) -> Llama:
 
 
 
+def find_tokenizer(ckpt_path, tokenizer_path=None) -> Tokenizer:
+    """--tokenizer if given (a file, or a .gguf's own tokenizer); else the tokenizer inside a GGUF checkpoint, or
+    beside the weights: a SentencePiece tokenizer.model first (LLaMA-1/2 folders carry it beside an equivalent
+    tokenizer.json), then tokenizer.json, then *.model."""
+    p = Path(tokenizer_path or ckpt_path)
+    if p.is_file() and p.suffix == ".gguf":
+        return tokenizer_from_gguf(gguf_metadata(p), str(p))
+    if tokenizer_path:
+        return open_tokenizer(tokenizer_path)
+    folder = p if p.is_dir() else p.parent
+    candidates = [folder / "tokenizer.model", folder / "tokenizer.json"] + sorted(folder.glob("*.model"))
+    for c in candidates:
+        if c.is_file() and not (c.name == "tokenizer.model" and (folder / "tokenizer.json").is_file()
+                                and looks_like_tiktoken(c)):
+            return open_tokenizer(c)
+    raise ValueError(f"no tokenizer (tokenizer.json, tokenizer.model or *.model) beside {ckpt_path}; "
+                     "pass --tokenizer PATH")
+
+
 def load(path, tokenizer=None, device="cpu", dtype=torch.float32) -> tuple[Llama, Tokenizer]:
     model = load_model(path, device, dtype)
     tok = find_tokenizer(path, tokenizer)
@@ -423,7 +442,8 @@ def save_model(model: Llama, out_dir, tokenizer: Tokenizer | str | Path | None =
             (out / name).unlink()
     atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(hf, indent=2)))
     if tokenizer is not None:
-        tokenizer.save(out, model.config.max_seq_len)
+        for name, content in tokenizer.files(model.config.max_seq_len).items():
+            atomic_write(out / name, lambda p: p.write_bytes(content))
 
 
 def export_pruned(model: Llama, masks: Masks, out_dir, tokenizer: Tokenizer | None = None) -> LlamaConfig:

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import cli
 import data
 import evaluate
 import llama
@@ -450,7 +451,7 @@ def ensure_demo(cache_dir=None, log=None, cfg: DemoConfig | None = None) -> dict
 
 
 def main(argv=None):
-    ap = evaluate.Parser(description="Build (once) the demo model and show what it learned.")
+    ap = cli.Parser(description="Build (once) the demo model and show what it learned.")
     ap.add_argument("--cache-dir", default=None, help="default: $NUTEPRUNE_CACHE/demo or ~/.cache/nuteprune/demo")
     ap.add_argument("--rebuild", action="store_true", help="build again even if a valid build is cached")
     args = ap.parse_args(argv)

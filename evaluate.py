@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import cli
 import data
 import hub
 import llama
@@ -47,25 +47,6 @@ PAPER_METRIC = {"boolq": "acc", "piqa": "acc", "hellaswag": "acc_norm", "winogra
 HEADERS = {"wikitext2": "WikiText2", "ptb": "PTB", "boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag",
            "winogrande": "WinoGrande", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA",
            "mmlu": "MMLU"}
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (`error: <what is wrong> (see PROG --help)` on stderr, exit status 2) instead of
-    the usage block, and help that shows each default where there is one. Every command of the project uses it."""
-
-    def __init__(self, **kw):
-        super().__init__(formatter_class=_DefaultsHelp, **kw)
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-class _DefaultsHelp(argparse.HelpFormatter):
-    # like ArgumentDefaultsHelpFormatter, without "(default: None)" on flags that have no default
-    def _get_help_string(self, action):
-        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in action.help:
-            return action.help
-        return action.help + " (default: %(default)s)"
 
 
 def default_paths(data_dir) -> dict[str, Path]:
@@ -95,64 +76,13 @@ def read_jsonl(path, limit: int | None = None) -> list[dict]:
     return items
 
 
-SMALL_MODEL = 100_000_000  # parameters: below it, CPU compute runs on one thread (bench/threads.py)
-
-
-def cpu_threads(n_params: int) -> int:
-    """Torch threads for CPU compute on a model of n_params, set and returned. A small model gains little from a
-    second thread and loses much beside any other busy process (every op waits for a descheduled thread), so it gets
-    one; a larger one keeps torch's default. NUTEPRUNE_THREADS=N overrides; so does an explicit OMP_NUM_THREADS."""
-    if os.environ.get("NUTEPRUNE_THREADS"):
-        n = int(os.environ["NUTEPRUNE_THREADS"])
-    elif os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
-    else:
-        n = 1 if n_params < SMALL_MODEL else torch.get_num_threads()
-    torch.set_num_threads(max(n, 1))
-    return torch.get_num_threads()
-
-
-def hms(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(s)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-class Progress:
-    """`desc [####    ] n/total 0:01:02 ETA 0:03:10 4.20 it/s` on stderr: redrawn in place on a terminal, a whole
-    line every 30 s (and at the end) when stderr is a log file. The one progress bar of every command."""
-
-    def __init__(self, desc: str, total: int, start: int = 0, enabled: bool = True):
-        self.desc, self.total, self.start, self.n, self.enabled = desc, total, start, start, enabled
-        self.t0, self.shown, self.tty = time.time(), 0.0, sys.stderr.isatty()
-
-    def update(self, n: int):
-        self.n, now = n, time.time()
-        if not self.enabled or (now - self.shown < (0.5 if self.tty else 30) and n < self.total):
-            return
-        self.shown = now
-        rate = (n - self.start) / max(now - self.t0, 1e-9)
-        eta = (self.total - n) / rate if rate > 0 else float("inf")
-        bar = "#" * (24 * n // max(self.total, 1))
-        line = f"{self.desc} [{bar:<24}] {n}/{self.total} {hms(now - self.t0)} ETA {hms(eta)} {rate:.2f} it/s"
-        sys.stderr.write(f"\r{line}\x1b[K" if self.tty else line + "\n")
-        sys.stderr.flush()
-
-    def advance(self, k: int = 1):
-        self.update(self.n + k)
-
-    def close(self):
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
-
 # -----------------------------------------------------------------------------
 # perplexity (METHOD.md §9, LLM-Pruner's ppl_dataset.py + PPLMetric); the one perplexity loop of the project
 
 
 @torch.no_grad()
 def mean_nll(model, windows: torch.Tensor, batch_size: int, masks=None, autocast=nullcontext,
-             bar: Progress | None = None) -> float:
+             bar: cli.Progress | None = None) -> float:
     """Mean next-token cross-entropy over windows (N, T); a window's first token is context only."""
     device = model.lm_head.weight.device
     nll, count = 0.0, 0
@@ -185,7 +115,7 @@ def _perplexity(model, ids: list[int], seq_len, batch_size, masks, limit, verbos
     if seq_len > model.config.max_seq_len:
         raise ValueError(f"seq_len {seq_len} exceeds the model's maximum length {model.config.max_seq_len}")
     w = windows(ids, seq_len, limit)  # the whole corpus, one BOS at its start
-    bar = Progress(f"{label} (seq_len {seq_len})", len(w), enabled=verbose)
+    bar = cli.Progress(f"{label} (seq_len {seq_len})", len(w), enabled=verbose)
     nll = mean_nll(model, w, batch_size, masks, bar=bar)
     bar.close()
     return math.exp(nll), len(w)  # (PPL, windows)
@@ -411,7 +341,7 @@ def score_requests(model, requests: list[Request], batch_size: int = 16, masks=N
     device = model.lm_head.weight.device
     plans = [_plan(r, max_len) for r in requests]
     scores: list[list[float] | None] = [None] * len(requests)
-    bar = Progress(label, len(requests), enabled=verbose)
+    bar = cli.Progress(label, len(requests), enabled=verbose)
     for batch, Q, runs in _schedule(plans, batch_size):
         rows, owner, choices = [], [], []  # rows of the batch, the item slot of each, (row, first, targets) per choice
         for slot, i in enumerate(batch):
@@ -610,7 +540,7 @@ def load_for_eval(ckpt, tokenizer=None, device="cpu", dtype=torch.float32):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(description=__doc__.split("\n\n")[0])
+    ap = cli.Parser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", required=True,
                     help="checkpoint (HF/Meta dir, llama2.c .bin, .gguf, exported pruned model, hub id or short name) "
                          "or nuteprune output dir")
@@ -666,12 +596,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         tasks, paths = check_args(args)
-        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-            "cpu" if args.device == "auto" else args.device
-        dtype = llama.parse_dtype(args.dtype, torch.device(device).type)
+        device, dtype = cli.device_dtype(args.device, args.dtype)
         model, masks, tok, kind = load_for_eval(args.ckpt, args.tokenizer, device, dtype)
-        if device == "cpu":
-            cpu_threads(llama.count_params(model))
+        if device.type == "cpu":
+            cli.cpu_threads(llama.count_params(model))
         max_len = model.config.max_seq_len
         if args.seq_len is not None and not 2 <= args.seq_len <= max_len:
             raise ValueError(f"--seq-len {args.seq_len} is out of range: the model reads 2 to {max_len} tokens")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import checkpoint
-import evaluate  # its Parser: one-line errors, as every command of the project
+import cli  # its Parser: one-line errors, as every command of the project
 import llama
 import tokenization
 
@@ -194,7 +194,7 @@ def _check_output(out_path, ftype: str) -> Path:
 def _checkpoint_and_tokenizer(ckpt, tokenizer):
     """(config, state dict, tokenizer) of the checkpoint, the tokenizer checked against the model's vocabulary."""
     cfg, state = checkpoint.read_checkpoint(ckpt)
-    tok = tokenization.find_tokenizer(ckpt, tokenizer)
+    tok = checkpoint.find_tokenizer(ckpt, tokenizer)
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocabulary is "
                          f"{cfg.vocab_size}: wrong tokenizer? pass --tokenizer PATH")
@@ -308,13 +308,13 @@ def write_hf(ckpt, out_dir, tokenizer=None) -> None:
     if Path(out_dir).resolve() == Path(ckpt).resolve():
         raise ValueError(f"--hf {out_dir} is the checkpoint itself; write to another folder")
     model = checkpoint.load_model(ckpt)
-    checkpoint.save_model(model, out_dir, tokenization.find_tokenizer(ckpt, tokenizer))
+    checkpoint.save_model(model, out_dir, checkpoint.find_tokenizer(ckpt, tokenizer))
     kind = "plain Llama" if model.config.uniform else "pruned: load with trust_remote_code=True"
     print(f"wrote {out_dir} ({kind})")
 
 
 def main(argv=None) -> int:
-    p = evaluate.Parser(description="Export a checkpoint (a pruned OUT/pruned/ included) for other runtimes.")
+    p = cli.Parser(description="Export a checkpoint (a pruned OUT/pruned/ included) for other runtimes.")
     p.add_argument("ckpt", help="model folder or file, any layout llama.py reads")
     p.add_argument("--gguf", metavar="FILE", help="write a GGUF file for llama.cpp")
     p.add_argument("--type", default="f32", choices=FILE_TYPES, help="weight type of 2-D tensors")

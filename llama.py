@@ -120,7 +120,10 @@ class Masks:
     hidden: torch.Tensor | None = None  # [D]
 
     def to(self, *args, **kwargs) -> "Masks":
-        return Masks(*(None if m is None else m.to(*args, **kwargs) for m in (self.head, self.intermediate, self.hidden)))
+        return Masks(*(None if m is None else m.to(*args, **kwargs) for m in map(self.__getattribute__, MASK_GROUPS)))
+
+
+MASK_GROUPS = ("head", "intermediate", "hidden")  # the fields of Masks, in order
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -326,8 +329,11 @@ class Llama(nn.Module):
 # LoRA (hand-written; torchtune's shape)
 
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # prunable, LoRA targets
+
+
 def add_lora(model: Llama, targets=("q_proj", "v_proj"), rank: int = 8, alpha: float = 8.0) -> Llama:
-    valid = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    valid = set(PROJECTIONS)
     if not set(targets) <= valid:
         raise ValueError(f"LoRA targets {sorted(set(targets) - valid)} are not projections; valid: {sorted(valid)}")
     for p in model.parameters():

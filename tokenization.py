@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -43,8 +42,8 @@ class Tokenizer(ABC):
         """sha256 of what decides the tokens: the key of the token cache (data.corpus_tokens)."""
 
     @abstractmethod
-    def save(self, out_dir: Path, max_len: int) -> None:
-        """The files transformers' AutoTokenizer reads, tokenising exactly as this tokenizer does."""
+    def files(self, max_len: int) -> dict[str, bytes]:
+        """The files transformers' AutoTokenizer reads (name -> content), tokenising exactly as this tokenizer does."""
 
 
 # -----------------------------------------------------------------------------
@@ -81,19 +80,14 @@ class SentencePieceTokenizer(Tokenizer):
     def fingerprint(self) -> str:
         return hashlib.sha256(self.model_bytes()).hexdigest()
 
-    def save(self, out_dir: Path, max_len: int) -> None:
-        from checkpoint import atomic_write
-        if self.proto is None:
-            atomic_write(out_dir / "tokenizer.model", lambda p: shutil.copyfile(self.path, p))
-        else:
-            atomic_write(out_dir / "tokenizer.model", lambda p: p.write_bytes(self.proto))
+    def files(self, max_len: int) -> dict[str, bytes]:
         # transformers cannot guess the tokenizer from a nuteprune model_type: name it
         c = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": self.add_bos, "add_eos_token": False,
              "legacy": True, "model_max_length": max_len, "clean_up_tokenization_spaces": False}
         for name, i in (("bos_token", self.sp.bos_id()), ("eos_token", self.sp.eos_id()), ("unk_token", self.sp.unk_id())):
             if i >= 0:
                 c[name] = self.sp.IdToPiece(i)
-        atomic_write(out_dir / "tokenizer_config.json", lambda p: p.write_text(json.dumps(c, indent=2)))
+        return {"tokenizer.model": self.model_bytes(), "tokenizer_config.json": json.dumps(c, indent=2).encode()}
 
 
 def _varint(n: int) -> bytes:
@@ -169,15 +163,13 @@ class BPETokenizer(Tokenizer):
         special = {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
         return tokens, merges, special
 
-    def save(self, out_dir: Path, max_len: int) -> None:
-        from checkpoint import atomic_write
-        atomic_write(out_dir / "tokenizer.json", lambda p: p.write_text(self.tk.to_str()))
+    def files(self, max_len: int) -> dict[str, bytes]:
         token = lambda i: self.tk.id_to_token(i) if i is not None and i >= 0 else None  # noqa: E731
         c = {k: v for k, v in self.config.items() if k in ("chat_template", "pad_token", "unk_token")}
         c.update({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": token(self.bos_id),
                   "eos_token": token(self.eos_id), "add_bos_token": self.add_bos, "add_eos_token": False,
                   "split_special_tokens": True, "model_max_length": max_len, "clean_up_tokenization_spaces": False})
-        atomic_write(out_dir / "tokenizer_config.json", lambda p: p.write_text(json.dumps(c, indent=2)))
+        return {"tokenizer.json": self.tk.to_str().encode(), "tokenizer_config.json": json.dumps(c, indent=2).encode()}
 
 
 def _token_name(v) -> str | None:
@@ -314,41 +306,21 @@ def _sentencepiece_add_bos(path: Path) -> bool:
 
 
 def open_tokenizer(path) -> Tokenizer:
-    """--tokenizer PATH: tokenizer.model (SentencePiece), tokenizer.json (BPE) or a .gguf file's own tokenizer."""
+    """A tokenizer file: tokenizer.model (SentencePiece) or tokenizer.json (BPE). A GGUF's own tokenizer is built
+    from its metadata (tokenizer_from_gguf), which checkpoint.py reads."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"tokenizer {p} does not exist; pass --tokenizer PATH (tokenizer.model or tokenizer.json)")
     if p.suffix == ".json":
         return bpe_from_file(p)
-    if p.suffix == ".gguf":
-        from checkpoint import gguf_metadata
-        return tokenizer_from_gguf(gguf_metadata(p), str(p))
-    if p.name == "tokenizer.model" and p.read_bytes()[:1] != b"\n" and _looks_like_tiktoken(p):
+    if p.name == "tokenizer.model" and p.read_bytes()[:1] != b"\n" and looks_like_tiktoken(p):
         raise ValueError(f"{p} is Meta's Llama-3 tiktoken file, which is not supported; use the Hugging Face "
                          f"folder's tokenizer.json (--tokenizer PATH/tokenizer.json or --ckpt the HF folder)")
     return SentencePieceTokenizer(p, add_bos=_sentencepiece_add_bos(p))
 
 
-def _looks_like_tiktoken(p: Path) -> bool:
+def looks_like_tiktoken(p: Path) -> bool:
     """Meta's Llama-3 tokenizer.model: lines of 'base64-token rank', not a SentencePiece protobuf."""
     with open(p, "rb") as f:
         head = f.read(256).split(b"\n")[0].split(b" ")
     return len(head) == 2 and head[1].isdigit()
-
-
-def find_tokenizer(ckpt_path, tokenizer_path=None) -> Tokenizer:
-    """--tokenizer if given; else the tokenizer inside a GGUF, or beside the weights: a SentencePiece tokenizer.model
-    first (LLaMA-1/2 folders carry it beside an equivalent tokenizer.json), then tokenizer.json, then *.model."""
-    if tokenizer_path:
-        return open_tokenizer(tokenizer_path)
-    p = Path(ckpt_path)
-    if p.is_file() and p.suffix == ".gguf":
-        return open_tokenizer(p)
-    folder = p if p.is_dir() else p.parent
-    candidates = [folder / "tokenizer.model", folder / "tokenizer.json"] + sorted(folder.glob("*.model"))
-    for c in candidates:
-        if c.is_file() and not (c.name == "tokenizer.model" and (folder / "tokenizer.json").is_file()
-                                and _looks_like_tiktoken(c)):
-            return open_tokenizer(c)
-    raise ValueError(f"no tokenizer (tokenizer.json, tokenizer.model or *.model) beside {ckpt_path}; "
-                     "pass --tokenizer PATH")

@@ -1,4 +1,4 @@
-"""The memory plan (`nuteprune.py --plan`, nuteprune.memory_plan) against what one rank really holds, on the CPU with
+"""The memory plan (`nuteprune.py --plan`, memory_plan.memory_plan) against what one rank really holds, on the CPU with
 1 and 2 ranks (torchrun, gloo, FSDP2): the bench model of bench/train_cost.py, one pkd + layer-loss step of
 nuteprune.prune_step on each rank's share of the batch.
 
@@ -25,7 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+import distributed  # noqa: E402
 import llama  # noqa: E402
+import memory_plan  # noqa: E402
+from memory_plan import GB  # noqa: E402
 import nuteprune as npr  # noqa: E402
 import train_cost as tc  # noqa: E402
 
@@ -34,19 +37,19 @@ MIB = 2 ** 20
 
 def sharded_setup(cfg, n_snapshots: int) -> tc.Setup:
     s = tc.build(cfg, "cpu", torch.float32, n_snapshots, grad_ckpt=False)
-    if npr.world() > 1:
-        npr.shard_model(s.trainer.model, torch.device("cpu"))
-        lora = list(llama.lora_state(s.trainer.model).values())
-        optimizer = npr.prune_optimizer(s.trainer.gates, lora)
+    if distributed.world_size() > 1:
+        distributed.shard_model(s.parts.model, torch.device("cpu"))
+        lora = list(llama.lora_state(s.parts.model).values())
+        optimizer = npr.prune_optimizer(s.parts.gates, lora)
         npr.set_learning_rates(optimizer, {"log_alpha": 0.1, "lambda": 0.1, "lora": 1e-3})
-        s.trainer = npr.replace(s.trainer, optimizer=optimizer)
+        s.parts = npr.replace(s.parts, optimizer=optimizer)
     return s
 
 
 def rank_memory(args) -> dict:
     """Runs on every rank under torchrun: this rank's static and step memory."""
     torch.set_num_threads(1)
-    npr.init_distributed(torch.device("cpu"))
+    distributed.init(torch.device("cpu"))
     tiny = llama.LlamaConfig(dim=64, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=128, vocab_size=64, max_seq_len=8)
     tc.train_step(sharded_setup(tiny, 1), torch.zeros(2, 8, dtype=torch.long), "pkd_layer", [])
     gc.collect()
@@ -61,7 +64,7 @@ def rank_memory(args) -> dict:
     ready = tc.rss_bytes()
     tc.train_step(s, idx, "pkd_layer", [])
     peak = tc.hwm_bytes()
-    return {"rank": npr.rank(), "static_bytes": ready - base, "step_bytes": peak - ready, "total_bytes": peak - base}
+    return {"rank": distributed.rank_id(), "static_bytes": ready - base, "step_bytes": peak - ready, "total_bytes": peak - base}
 
 
 def measure(args, world: int) -> list[dict]:
@@ -96,11 +99,11 @@ def main(argv=None):
     print(f"{'ranks':>5} {'rank':>4} {'plan static':>11} {'measured':>9} {'plan step':>10} {'measured':>9} "
           f"{'plan total':>10} {'measured':>9} {'ratio':>6}")
     for world in map(int, args.worlds.split(",")):
-        p = npr.memory_plan(cfg, 4, tc.LORA_TARGETS, tc.LORA_RANK, args.snapshots, args.batch // world, args.seq_len,
-                            False, True, "pkd", world)
-        step = sum(v for k, v in p.items() if k.startswith("activations")) * npr.GB
-        static = (p["device total"] + p["snapshots (CPU)"]) * npr.GB - step  # snapshots share the CPU's memory here
-        gathered = p.get("FSDP gathered (2 layers + root)", 0.0) * npr.GB  # held during the step, not between steps
+        p = memory_plan.memory_plan(cfg, 4, tc.LORA_TARGETS, tc.LORA_RANK, args.snapshots, args.batch // world,
+                                    args.seq_len, False, True, "pkd", world)
+        step = sum(v for k, v in p.items() if k.startswith("activations")) * GB
+        static = (p["device total"] + p["snapshots (CPU)"]) * GB - step  # snapshots share the CPU's memory here
+        gathered = p.get("FSDP gathered (2 layers + root)", 0.0) * GB  # held during the step, not between steps
         static, step = static - gathered, step + gathered
         rows = []
         for r in measure(args, world):

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import llama  # noqa: E402
-import nuteprune as npr  # noqa: E402
+import memory_plan  # noqa: E402
 
 GB = 1e9
 LLAMA_7B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, vocab_size=32000)
@@ -40,16 +40,16 @@ PAPER_GB = (27.7, 38.0)  # Table 5, one A100, LLaMA-7B
 REFERENCE_MICRO_BATCH = 16  # the reference scripts' per_device_train_batch_size (scripts/cotrain.sh), fp16, ckpt on
 
 
-# The plan itself lives in nuteprune.py (`python nuteprune.py --ckpt DIR --target T --plan` prints it for a run);
+# The plan itself lives in memory_plan.py (`python nuteprune.py --ckpt DIR --target T --plan` prints it for a run);
 # this script tabulates it for LLaMA-7B and checks it against what bench/train_cost.py measured.
-lora_params, gate_params, snapshot_bytes = npr.lora_params, npr.gate_params, npr.snapshot_bytes
+snapshot_bytes = memory_plan.snapshot_bytes
 
 
 def estimate(cfg: llama.LlamaConfig, dtype_bytes: int = 2, lora_targets=("q_proj", "v_proj"), rank: int = 8,
              n_snapshots: int = 40, micro_batch: int = 4, seq_len: int = 512, grad_ckpt: bool = True,
              layer_loss: bool = True, distill: str = "pkd", world: int = 1) -> dict:
-    return npr.memory_plan(cfg, dtype_bytes, lora_targets, rank, n_snapshots, micro_batch, seq_len, grad_ckpt,
-                           layer_loss, distill, world)
+    return memory_plan.memory_plan(cfg, dtype_bytes, lora_targets, rank, n_snapshots, micro_batch, seq_len,
+                                   grad_ckpt, layer_loss, distill, world)
 
 
 MODES = {"plain": ("none", False), "kd": ("kd", False), "pkd": ("pkd", False), "pkd_layer": ("pkd", True)}

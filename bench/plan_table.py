@@ -16,6 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import llama  # noqa: E402
+import memory_plan  # noqa: E402
 import nuteprune as npr  # noqa: E402
 
 BASE = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5}
@@ -38,7 +39,7 @@ def main(argv=None):
     ap.add_argument("--configs", default=None, help="also write each config.json under this folder")
     args = ap.parse_args(argv)
     c = npr.RunConfig(ckpt="-", data="-", target=0.5)  # the paper's recipe: pkd, layer loss, q/v LoRA rank 8
-    sched = npr.Schedule.of(c, npr.PLAN_BLOCKS - c.heldout_blocks, 0)
+    sched = npr.Schedule.of(c, memory_plan.PLAN_BLOCKS - c.heldout_blocks, 0)
     print(f"GB per GPU, pkd + layer loss (the paper's recipe), bf16 base, gradient checkpointing, micro-batch "
           f"{args.micro_batch} x {c.block_size} (fewer per GPU when the batch of {c.batch_size} is split further), "
           f"{sched.n_levels} snapshots on each rank's CPU; a GPU fits when the total is <= 95% of it\n")
@@ -50,8 +51,8 @@ def main(argv=None):
             d.mkdir(parents=True, exist_ok=True)
             (d / "config.json").write_text(json.dumps({**BASE, **hf}, indent=2))
         cfg = llama.LlamaConfig.from_hf({**BASE, **hf})
-        rows = [npr.memory_plan(cfg, 2, ("q_proj", "v_proj"), 8, sched.n_levels,
-                                min(args.micro_batch, c.batch_size // w), c.block_size, True, True, "pkd", w)
+        rows = [memory_plan.memory_plan(cfg, 2, ("q_proj", "v_proj"), 8, sched.n_levels,
+                                        min(args.micro_batch, c.batch_size // w), c.block_size, True, True, "pkd", w)
                 for w in WORLDS]
         cells = []
         for r in rows:

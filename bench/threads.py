@@ -46,8 +46,8 @@ def prune_steps(steps: int = 8):
     model.train()
     gates = npr.Gates(model.config)
     c = npr.RunConfig(ckpt="-", data="-", target=0.5, micro_batch_size=16)
-    t = npr.Trainer(model, gates, npr.prune_optimizer(gates, list(llama.lora_state(model).values())),
-                    torch.amp.GradScaler("cpu", enabled=False), c)
+    t = npr.Parts(model, gates, npr.prune_optimizer(gates, list(llama.lora_state(model).values())),
+                  torch.amp.GradScaler("cpu", enabled=False), c)
     batch = torch.randint(0, 512, (16, 128), generator=torch.Generator().manual_seed(0))
     return lambda: [npr.prune_step(t, batch, None, 0.1) for _ in range(steps)]
 

@@ -5,7 +5,7 @@ A random LLaMA (default 134M parameters: dim 768, 12 layers, 12 heads, FFN 2048,
 q_proj, v_proj (rank 8) and nuteprune.Gates; sequence 512, micro-batch 1, one micro-batch per optimizer step. Every
 step is `nuteprune.prune_step` itself, the step the command runs (sampled masks on leaf copies, the teacher first
 under no_grad inside `teacher_lora`, then the student, the losses, backward, the Lagrangian and the surrogate that
-carries dz to log_alpha, clipping, AdamW, clamping), with a hook that timestamps each phase:
+carries dz to log_alpha, clipping, AdamW, clamping), its phases timestamped from outside (`timed_phases`):
 
     plain      student forward with sampled masks + next-token cross-entropy (--distill none)
     floor      one no-grad forward of the same batch, alone: what a teacher costs at the least
@@ -40,19 +40,18 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import distributed  # noqa: E402
 import llama  # noqa: E402
 import memory_model  # noqa: E402  (bench/, beside this file)
 import nuteprune as npr  # noqa: E402
-from llama import Masks  # noqa: E402
 
 PRESETS = {"bench": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048, vocab_size=32000),
            "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, vocab_size=32000)}
@@ -85,7 +84,7 @@ def random_llama(cfg: llama.LlamaConfig, device, dtype, seed: int = 0) -> llama.
 
 @dataclass
 class Setup:
-    trainer: npr.Trainer  # the model, gates, optimizer and scaler that nuteprune.prune_step steps
+    parts: npr.Parts  # the model, gates, optimizer and scaler that nuteprune.prune_step steps
     snapshots: list
     device: torch.device
 
@@ -100,9 +99,9 @@ def build(cfg: llama.LlamaConfig, device: str, dtype, n_snapshots: int, grad_ckp
     model = random_llama(cfg, device, dtype, seed)
     llama.add_lora(model, LORA_TARGETS, LORA_RANK, float(LORA_RANK))
     with torch.no_grad():  # a student some steps in: B != 0, so a zeroed (intact) teacher differs from it
-        for name, t in llama.lora_state(model).items():
+        for name, w in llama.lora_state(model).items():
             if name.endswith("lora_b"):
-                t.normal_(0.0, 1e-3)
+                w.normal_(0.0, 1e-3)
     model.gradient_checkpointing = grad_ckpt
     model.train()
     gates = npr.Gates(cfg).to(device)
@@ -112,37 +111,63 @@ def build(cfg: llama.LlamaConfig, device: str, dtype, n_snapshots: int, grad_ckp
     for level in range(1, n_snapshots + 1):  # what the run stores at each interval crossed (METHOD.md §6), all distinct copies
         masks = gates.deterministic()
         snapshots.append(npr.Snapshot(level, float(npr.expected_sparsity(masks, cfg)), masks.to("cpu"),
-                                      npr.cpu_lora(model)))
+                                      distributed.cpu_lora(model)))
     cuda = device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if cuda and dtype != torch.float32 else nullcontext
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and dtype == torch.float16)
     config = npr.RunConfig(ckpt="bench", target=TARGET, data="bench", micro_batch_size=10 ** 6)  # one forward a step
-    return Setup(npr.Trainer(model, gates, optimizer, scaler, config, autocast), snapshots, device)
+    return Setup(npr.Parts(model, gates, optimizer, scaler, config, autocast), snapshots, device)
 
 
 def snapshot_bytes(s: npr.Snapshot) -> int:
     tensors = list(npr.mask_tensors(s.masks)) + list(s.lora.values())
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(x.numel() * x.element_size() for x in tensors)
 
 
 def train_step(s: Setup, idx: torch.Tensor, mode: str, marks: list) -> None:
-    """One optimizer step of `mode`: nuteprune.prune_step itself, with its phase hook; appends (phase, time)."""
+    """One optimizer step of `mode`: nuteprune.prune_step itself, its phases timed; appends (phase, time)."""
+    with timed_phases(s, marks):
+        if mode == "floor":
+            with torch.no_grad(), s.parts.autocast():
+                s.parts.model(idx)
+            return
+        parts = replace(s.parts, c=replace(s.parts.c, **MODE_FLAGS[mode]))
+        # the oldest snapshot teaches (a gap of all but one level): the step is what any snapshot teacher costs
+        teacher = npr.pick_teacher(0, s.snapshots, None, 10 ** 9, len(s.snapshots) - 1, 0) if mode.startswith("pkd") \
+            else None
+        npr.prune_step(parts, idx, teacher, TARGET)
+
+
+@contextmanager
+def timed_phases(s: Setup, marks: list):
+    """Timestamps of prune_step's phases, taken from outside it (the method has no timing parameters): a forward hook
+    on the model marks the end of each forward ("teacher" under no_grad, else "student"); nuteprune.student_loss
+    returning marks "loss"; nuteprune.expected_sparsity, which the step computes right after the micro-batches'
+    backward, marks "backward"; leaving the step marks "optimizer" (the Lagrangian, surrogate backward, AdamW, clamp).
+    Every mode here runs one micro-batch per step, so each phase is marked once."""
     sync = torch.cuda.synchronize if s.device.type == "cuda" else (lambda: None)
 
     def mark(phase):
         sync()
         marks.append((phase, time.perf_counter()))
 
+    def after(fn, phase):
+        return lambda *a, **kw: (fn(*a, **kw), mark(phase))[0]
+
+    def before(fn, phase):
+        return lambda *a, **kw: (mark(phase), fn(*a, **kw))[1]
+
+    originals = npr.student_loss, npr.expected_sparsity
+    hook = s.parts.model.register_forward_hook(lambda *_: mark("student" if torch.is_grad_enabled() else "teacher"))
+    npr.student_loss, npr.expected_sparsity = after(originals[0], "loss"), before(originals[1], "backward")
     mark("start")
-    if mode == "floor":
-        with torch.no_grad(), s.trainer.autocast():
-            s.trainer.model(idx)
-        mark("teacher")
-        return
-    t = replace(s.trainer, c=replace(s.trainer.c, **MODE_FLAGS[mode]))
-    # the oldest snapshot teaches (a gap of all but one level): the step is what any snapshot teacher costs
-    teacher = npr.pick_teacher(0, s.snapshots, None, 10 ** 9, len(s.snapshots) - 1, 0) if mode.startswith("pkd") else None
-    npr.prune_step(t, idx, teacher, TARGET, mark)
+    try:
+        yield
+        if len(marks) > 2:  # a training step, not the floor's bare forward
+            mark("optimizer")
+    finally:
+        hook.remove()
+        npr.student_loss, npr.expected_sparsity = originals
 
 
 def phases(marks: list) -> dict:
@@ -379,7 +404,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def describe(args, cfg: llama.LlamaConfig, s: Setup, dtype) -> dict:
     """Prints the setting; returns it as the head of the JSON record."""
     cuda = args.device.startswith("cuda")
-    n_params = llama.count_params(s.trainer.model)
+    n_params = llama.count_params(s.parts.model)
     where = f"{args.device}, {str(dtype).removeprefix('torch.')}" + (
         f", {args.threads} thread(s), malloc {args.malloc}" if not cuda else "")
     print(f"model: random LLaMA {args.preset} ({n_params / 1e6:.0f}M parameters: dim {cfg.dim}, {cfg.n_layers} layers, "

@@ -147,7 +147,7 @@ def _s260k():
 
 
 def stats(values: list[float]) -> tuple[float, float]:
-    return _s260k()._stats(values)
+    return _s260k().stats(values)
 
 
 def fmt(values: list[float], digits: int = 2) -> str:
@@ -439,8 +439,9 @@ def code_id(a: argparse.Namespace) -> dict:
     """sha256 (first 16 hex digits) of the files a run executes, and the commit of this checkout."""
     import hashlib
     d = code_dir(a)
-    ids = {f: hashlib.sha256((d / f).read_bytes()).hexdigest()[:16] for f in ("nuteprune.py", "llama.py", "data.py",
-                                                                                "evaluate.py", "demo.py")}
+    files = ("nuteprune.py", "llama.py", "data.py", "evaluate.py", "demo.py", "cli.py", "flags.py", "runfolder.py",
+             "distributed.py")  # the last four exist from issue 17 on
+    ids = {f: hashlib.sha256((d / f).read_bytes()).hexdigest()[:16] for f in files if (d / f).is_file()}
     if (d / ".commit").is_file():  # a frozen copy: the commit it was archived from
         ids["commit"] = (d / ".commit").read_text().strip()
         return ids
@@ -452,10 +453,8 @@ def code_id(a: argparse.Namespace) -> dict:
     return ids
 
 
-def _write_json(path: Path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+def write_json(path: Path, obj):
+    _s260k().write_json(path, obj, indent=1)
 
 
 @dataclass
@@ -471,19 +470,6 @@ class Ctx:
 
     def late(self) -> bool:
         return self.deadline is not None and time.time() >= self.deadline
-
-
-def check_config(folder: Path, config: dict):
-    """A regime folder's finished runs are reused only under the flags that made them."""
-    path = folder / "config.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old != config:
-            diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
-            raise ValueError(f"{folder} holds runs made with other flags ({diff}: old, new); use another --out")
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_json(path, config)
 
 
 def demo_config():
@@ -567,7 +553,7 @@ def dense_and_oneshot(ctx: Ctx, regime: str, p: dict) -> dict:
             masks = baselines.prune_masks(model, "magnitude", t, blocks)
             rec[str(t)] = final_ppl(ctx, regime, p, llama.prune_model(model, masks))
         model = checkpoint.load_model(p["ckpt"])
-    _write_json(path, rec)
+    write_json(path, rec)
     ctx.log(f"{regime}: dense PPL {rec['dense']:.3f}; one-shot magnitude 10/30/50%: "
             f"{rec['0.1']:.3f} / {rec['0.3']:.3f} / {rec['0.5']:.3f}")
     return rec
@@ -595,7 +581,7 @@ def run_job(ctx: Ctx, regime: str, setting: str, seed: int) -> dict | None:
     if not (run / "report.json").is_file() and not run_nuteprune(ctx, regime, p, setting, seed, run, times):
         return None
     rec = result_record(ctx, regime, p, setting, seed, run, times)
-    _write_json(result_file, rec)
+    write_json(result_file, rec)
     ctx.log(f"{regime}/{run.name}: sparsity {rec['sparsity']:.4f}, held-out PPL {rec['ppl']:.3f}")
     return rec
 
@@ -614,7 +600,7 @@ def run_nuteprune(ctx: Ctx, regime: str, p: dict, setting: str, seed: int, run: 
     code = os.waitstatus_to_exitcode(status)
     times.append({"wall_s": time.time() - t0, "cpu_s": usage.ru_utime + usage.ru_stime, "exit": code,
                   "code": code_id(ctx.a)})
-    _write_json(run / "times.json", times)
+    write_json(run / "times.json", times)
     if (run / "report.json").is_file():
         return True
     if termed:
@@ -693,7 +679,7 @@ def main_run(a: argparse.Namespace):
         except RuntimeError as e:
             ctx.log(f"no figures: {e}")
     results.sort(key=lambda r: (r["regime"], list(SETTINGS).index(r["setting"]), r["seed"]))
-    _write_json(results_dir / "results.json", {"info": {k: v for k, v in info.items() if k != "timing"},
+    write_json(results_dir / "results.json", {"info": {k: v for k, v in info.items() if k != "timing"},
                                                "timing": info["timing"], "invocations": invocations,
                                                "missing": missing_jobs(jobs, results, set(info["built"])),
                                                "runs": results})
@@ -713,9 +699,9 @@ def start(a: argparse.Namespace, t_start: float) -> Ctx:
     out = Path(a.out)
     ctx = Ctx(a, out, None if not a.budget_min else t_start + a.budget_min * 60)
     for regime in a.regimes:
-        check_config(out / regime, {"flags": run_flags(a, regime), "target": a.target,
-                                    **({"model": DEMO_MODEL} if regime == "demo" else
-                                       {"heldout_frac": a.heldout_frac})})
+        _s260k().check_config(out / regime, {"flags": run_flags(a, regime), "target": a.target,
+                                             **({"model": DEMO_MODEL} if regime == "demo" else
+                                                {"heldout_frac": a.heldout_frac})}, indent=1)
     return ctx
 
 

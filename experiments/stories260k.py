@@ -150,10 +150,8 @@ class Context:
 # jobs: each returns one result record and leaves a file that makes a rerun skip it
 
 
-def _write_json(path: Path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+def write_json(path: Path, obj, indent: int = 2):
+    checkpoint.atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=indent)))
 
 
 def nuteprune_job(ctx: Context, s: Setting, seed: int) -> dict:
@@ -194,7 +192,7 @@ def nuteprune_job(ctx: Context, s: Setting, seed: int) -> dict:
            "flags": ctx.flags + list(s.flags), "stage2_start": report["stage2_start"],
            "snapshots": report["snapshots"], "expected_sparsity": report["expected_sparsity"],
            "hidden": report["hidden"], "layers": report["layers"], "nuteprune_py_sha256": code_sha}
-    _write_json(result_file, rec)
+    write_json(result_file, rec)
     ctx.add_cpu(rec["cpu_s"])
     ctx.log(f"{run.name}: sparsity {rec['sparsity']:.4f} ppl {rec['ppl']:.3f}")
     return rec
@@ -208,7 +206,7 @@ def dense_job(ctx: Context) -> dict:
     model = checkpoint.load_model(ctx.ckpt)
     rec = {"kind": "dense", "setting": "dense", "target": 0.0, "seed": None, "sparsity": 0.0, "ppl": ctx.ppl(model),
            "wall_s": time.time() - t0, "cpu_s": time.thread_time() - c0}
-    _write_json(path, rec)
+    write_json(path, rec)
     ctx.add_cpu(rec["cpu_s"])
     return rec
 
@@ -232,7 +230,7 @@ def baseline_job(ctx: Context, method: str, target: float, seed: int | None) -> 
            "steps": ctx.a.max_steps if seed is not None else 0, "hidden": pruned.config.dim,
            "layers": [{"heads": h, "kv_heads": kv, "ffn": f} for h, kv, f in
                       zip(pruned.config.heads, pruned.config.kv_heads, pruned.config.ffn)]}
-    _write_json(path, rec)
+    write_json(path, rec)
     ctx.add_cpu(rec["cpu_s"])
     ctx.log(f"{name}: sparsity {sparsity:.4f} ppl {rec['ppl']:.3f}")
     return rec
@@ -241,14 +239,15 @@ def baseline_job(ctx: Context, method: str, target: float, seed: int | None) -> 
 # tables
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
+def stats(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value): every table of experiments/."""
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _fmt(values: list[float]) -> str:
     if not values:
         return "—"
-    m, s = _stats(values)
+    m, s = stats(values)
     return f"{m:.2f}" if len(values) == 1 else f"{m:.2f} ± {s:.2f}"
 
 
@@ -335,7 +334,7 @@ def _headline(results: list[dict], by) -> list[str]:
     ours = by("pkd-50")
     tuned = {m: _ppls(results, kind="baseline", setting=m, target=0.5, tuned=True) for m in METHODS}
     best = min(tuned, key=lambda m: statistics.mean(tuned[m]))
-    (mo, so), (mb, sb) = _stats(ours), _stats(tuned[best])
+    (mo, so), (mb, sb) = stats(ours), stats(tuned[best])
     holds = mb - mo > max(so, sb)
     verdict = (f"**{'holds' if holds else 'does not hold'}**" if len(ours) > 1 else
                "one seed, so no std to compare with")
@@ -403,7 +402,7 @@ def _invocations(n: int) -> str:
 
 def _ordering(title: str, names: tuple[str, ...], paper: str, by) -> str:
     """Do our means fall in the paper's order (best first), and is each adjacent step larger than the seed std?"""
-    stats = [_stats(by(n)) for n in names]
+    stats = [stats(by(n)) for n in names]
     ours = " < ".join(f"{PAPER_NAMES[n]} {m:.2f}" for n, (m, _) in sorted(zip(names, stats), key=lambda x: x[1][0]))
     if names[0] == "pkd-50" and len(names) == 3 and title.startswith("Distillation"):
         pairs = [(0, 1), (1, 2)]  # a chain: pkd <= kd <= none
@@ -471,18 +470,20 @@ def provenance() -> dict:
             "nuteprune_py_sha256": hashlib.sha256((ROOT / "nuteprune.py").read_bytes()).hexdigest()}
 
 
-def check_config(out: Path, a: argparse.Namespace):
-    """A folder's finished runs are reused only under the flags that made them."""
-    keys = ("max_steps", "batch_size", "block_size", "lr_lambda", "lr_mask", "seq_len", "heldout_frac")
-    config = {k: getattr(a, k) for k in keys}
-    path = out / "config.json"
+CONFIG_KEYS = ("max_steps", "batch_size", "block_size", "lr_lambda", "lr_mask", "seq_len", "heldout_frac")
+
+
+def check_config(folder: Path, config: dict, indent: int = 2):
+    """A folder's finished runs are reused only under the flags that made them (experiments/pkd.py's folders too)."""
+    path = folder / "config.json"
     if path.is_file():
         old = json.loads(path.read_text())
         diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
         if diff:
-            raise ValueError(f"{out} holds runs made with other flags ({diff}: old, new); use another --out")
+            raise ValueError(f"{folder} holds runs made with other flags ({diff}: old, new); use another --out")
     else:
-        _write_json(path, config)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(path, config, indent)
 
 
 def run_jobs(ctx: Context, a: argparse.Namespace) -> list[dict]:
@@ -544,7 +545,7 @@ def run(a: argparse.Namespace) -> list[dict]:
     data_paths(a.data_dir)  # fail before creating anything
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    check_config(out, a)
+    check_config(out, {k: getattr(a, k) for k in CONFIG_KEYS})
     for sub in ("runs", "baselines", "cache"):
         (out / sub).mkdir(exist_ok=True)
     ctx = Context(a)
@@ -556,7 +557,7 @@ def run(a: argparse.Namespace) -> list[dict]:
         draw_plots(ctx, a)
     code, invocations, total = timing_totals(ctx, results, t_start, code_before)
     results.sort(key=lambda r: (r["kind"], r["setting"], r["target"], r.get("tuned", False), r["seed"] or 0))
-    _write_json(out / "results.json", {"config": json.loads((out / "config.json").read_text()),
+    write_json(out / "results.json", {"config": json.loads((out / "config.json").read_text()),
                                        "flags": ctx.flags, "code": code, "timing": total,
                                        "invocations": invocations, "runs": results})
     (out / "results.md").write_text(markdown(results, a, ctx, total))

@@ -11,6 +11,8 @@ import torch
 
 import checkpoint
 import llama
+import flags
+import memory_plan
 import nuteprune as npr
 from conftest import ROOT, args, ft
 
@@ -48,7 +50,7 @@ def test_smoke_whole_command(files, tmp_path):
 @pytest.mark.parametrize("distill", ["kd", "none", "pkd-no-layer-loss"])
 def test_ablations_run(files, tmp_path, distill):
     extra = ("--distill", "pkd", "--layer-weight", "0") if distill == "pkd-no-layer-loss" else ("--distill", distill)
-    report = npr.run(*npr.parse_args(args(files, tmp_path, *extra, "--no-lora", "--max-steps", "4")))
+    report = npr.run(*flags.parse_args(args(files, tmp_path, *extra, "--no-lora", "--max-steps", "4"), npr.RunConfig))
     assert abs(report["sparsity"] - 0.5) <= 0.005
 
 
@@ -102,7 +104,7 @@ def test_distillation_step_holds_one_copy_of_the_base_weights(files, tmp_path, m
             seen.append((torch.is_grad_enabled(), weight.data_ptr(), models, masks is not None))
         return forward(self, idx, masks, output_hidden, **kw)
     monkeypatch.setattr(llama.Llama, "forward", spy)
-    npr.run(*npr.parse_args(args(files, tmp_path)))
+    npr.run(*flags.parse_args(args(files, tmp_path), npr.RunConfig))
     assert [s[0] for s in seen] == [False, True] * 24  # 12 steps x 2 micro-batches: the teacher, then the student
     assert any(s[3] for s in seen if not s[0])  # snapshots taught, not only the intact model
     assert len({s[1] for s in seen}) == 1  # every forward read the same weight storage
@@ -122,7 +124,7 @@ def test_user_errors_print_one_line_and_exit_2(files, tmp_path, capsys):
 
 
 def test_every_flag_explains_itself():
-    parser = npr.build_parser()
+    parser = flags.build_parser(npr.RunConfig)
     assert all(a.help for a in parser._actions)
     text = parser.format_help()
     for flag in ("--ckpt", "--target", "--tokenizer", "--data", "--out", "--max-steps", "--seed", "--resume",
@@ -136,13 +138,14 @@ def test_ckpt_demo_fills_paths_and_budget(files, monkeypatch):
     paths = {"ckpt": str(files / "model"), "tokenizer": str(files / "tok.model"),
              "train_text": str(files / "corpus.txt"), "heldout_text": str(files / "corpus.txt")}
     monkeypatch.setattr(demo, "ensure_demo", lambda cache_dir=None: paths)  # the real build takes ~2 minutes
-    a, resume = npr.parse_args(["--ckpt", "demo", "--target", "0.5", "--batch-size", "4"])
+    a, resume = flags.parse_args(["--ckpt", "demo", "--target", "0.5", "--batch-size", "4"], npr.RunConfig)
     assert resume == "new"
     assert (a.ckpt, a.tokenizer, a.data, a.heldout) == (paths["ckpt"], paths["tokenizer"], paths["train_text"],
                                                         paths["heldout_text"])
-    assert a.max_steps == npr.DEMO_DEFAULTS["max_steps"] and a.block_size == npr.DEMO_DEFAULTS["block_size"]
+    assert a.max_steps == flags.DEMO_DEFAULTS["max_steps"] and a.block_size == flags.DEMO_DEFAULTS["block_size"]
     assert a.batch_size == 4  # given on the command line
-    c, _ = npr.parse_args(["--ckpt", str(files / "model"), "--target", "0.5", "--data", str(files / "corpus.txt")])
+    c, _ = flags.parse_args(["--ckpt", str(files / "model"), "--target", "0.5", "--data", str(files / "corpus.txt")],
+                            npr.RunConfig)
     assert c.max_steps is None
 
 
@@ -190,7 +193,7 @@ def test_plan_from_config_json_alone(tmp_path, monkeypatch, capsys):
     npr.main(["--ckpt", str(tmp_path), "--target", "0.5", "--plan", "--dtype", "bf16", "--grad-ckpt"])
     out = capsys.readouterr().out
     assert "6.74B parameters" in out and "GB per device" in out and "8 GPUs" in out
-    plan = npr.memory_plan(llama.LlamaConfig.from_hf(cfg), 2, ("q_proj", "v_proj"), 8, 49, 4, 512, True, True, "pkd", 2)
+    plan = memory_plan.memory_plan(llama.LlamaConfig.from_hf(cfg), 2, ("q_proj", "v_proj"), 8, 49, 4, 512, True, True, "pkd", 2)
     row = next(ln for ln in out.splitlines() if ln.startswith("device total")).split()
     assert float(row[3]) == pytest.approx(plan["device total"], abs=0.006)  # the 2-GPU column
     assert not (tmp_path / "out").exists() and not (ROOT / "out").exists()

@@ -11,7 +11,7 @@ import torch
 import checkpoint
 import llama
 import tokenization
-from conftest import DATA, ROOT
+from conftest import DATA, ROOT, tiny_llama
 
 SHARED = DATA.parent
 SMOL = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,9 +42,10 @@ def test_smollm2_equals_transformers(smol):
         with torch.no_grad():
             ours, theirs = model(ids), hf(ids).logits
         assert (ours - theirs).abs().max() / (theirs.max() - theirs.min()) < 1e-4
-        greedy = llama.generate(model, ids, 64, eos_id=tok.eos_id)
-        ref = hf.generate(ids, max_new_tokens=64, do_sample=False)
-        assert torch.equal(greedy, ref)
+    ids = torch.tensor([tok.encode(PROMPTS[2])])  # 64 greedy tokens, no EOS on the way
+    greedy = llama.generate(model, ids, 64, eos_id=tok.eos_id)
+    assert greedy.shape[1] == ids.shape[1] + 64
+    assert torch.equal(greedy, hf.generate(ids, max_new_tokens=64, do_sample=False))
 
 
 def _task_strings() -> list[str]:
@@ -203,6 +204,7 @@ def test_prune_cli_resolves_a_short_name_and_default_data(files, tmp_path, monke
     """--ckpt smollm2-135m from a Hugging Face cache folder; without --data, C4 shard 00000 from the same cache."""
     import shutil
 
+    import flags
     import nuteprune
     cache = tmp_path / "hub"
     snap = cache / "models--HuggingFaceTB--SmolLM2-135M" / "snapshots" / "abc"
@@ -213,10 +215,91 @@ def test_prune_cli_resolves_a_short_name_and_default_data(files, tmp_path, monke
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="c4-train.00000-of-01024.json.gz.*--data"):
-        nuteprune.parse_args(["--ckpt", "smollm2-135m", "--target", "0.5", "--out", str(tmp_path / "o")])
+        flags.parse_args(["--ckpt", "smollm2-135m", "--target", "0.5", "--out", str(tmp_path / "o")], nuteprune.RunConfig)
     c4 = cache / "datasets--allenai--c4" / "snapshots" / "def" / "en" / "c4-train.00000-of-01024.json.gz"
     c4.parent.mkdir(parents=True)
     shutil.copyfile(files / "corpus.txt", c4)
-    c, _ = nuteprune.parse_args(["--ckpt", "smollm2-135m", "--target", "0.5", "--out", str(tmp_path / "o")])
+    c, _ = flags.parse_args(["--ckpt", "smollm2-135m", "--target", "0.5", "--out", str(tmp_path / "o")], nuteprune.RunConfig)
     assert c.ckpt == str(snap) and c.data == str(c4)
 
+
+
+def test_pruned_smollm2_in_transformers_and_llama_cpp(smol, tmp_path):
+    """SmolLM2 with random 50% FFN, uneven GQA head and 4-dim hidden masks, exported: transformers (remote code)
+    within 1e-4 of llama.py, and export.py's f32 GGUF (gpt2 vocabulary) in llama.cpp within 1e-3."""
+    transformers = pytest.importorskip("transformers")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import export
+    model, tok = smol
+    cfg, g = model.config, torch.Generator().manual_seed(0)
+    head = (torch.rand(cfg.n_layers, cfg.n_heads, generator=g) > 0.3).float()
+    inter = (torch.rand(cfg.n_layers, cfg.ffn_dim, generator=g) > 0.5).float()
+    hidden = torch.ones(cfg.dim)
+    hidden[:4] = 0
+    checkpoint.export_pruned(model, llama.Masks(head, inter, hidden), tmp_path / "pruned", tok)
+    pruned, tok2 = checkpoint.load(tmp_path / "pruned")
+    ids = tok.encode(PROMPTS[1])
+    with torch.no_grad():
+        ours = pruned(torch.tensor([ids]))[0]
+    scale = (ours.max() - ours.min()).item()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", trust_remote_code=True).eval()
+    with torch.no_grad():
+        assert (hf(torch.tensor([ids])).logits[0] - ours).abs().max() / scale < 1e-4
+    export.write_gguf(tmp_path / "pruned", tmp_path / "p.gguf", "f32")
+    cpp = llama_cpp.Llama(model_path=str(tmp_path / "p.gguf"), n_ctx=64, n_threads=1, verbose=False, logits_all=True,
+                          type_k=0, type_v=0)
+    assert cpp.tokenize(PROMPTS[1].encode(), add_bos=False, special=False) == ids
+    cpp.eval(ids)
+    assert (torch.tensor(np.array(cpp.scores[:len(ids)])) - ours).abs().max() / scale < 1e-3
+
+# -- a Llama-3-style checkpoint: byte-level BPE tokenizer.json with <|begin_of_text|>, llama3 RoPE scaling ------------
+
+
+@pytest.fixture
+def llama3_folder(files, tmp_path):
+    t = pytest.importorskip("tokenizers")
+    tk = t.Tokenizer(t.models.BPE())
+    tk.pre_tokenizer = t.pre_tokenizers.Sequence([
+        t.pre_tokenizers.Split(t.Regex(tokenization.LLAMA3_SPLIT), behavior="isolated"),
+        t.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = t.decoders.ByteLevel()
+    trainer = t.trainers.BpeTrainer(vocab_size=320, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+                                    initial_alphabet=t.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train([str(files / "corpus.txt")], trainer)
+    tk.post_processor = t.processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
+                                                        special_tokens=[("<|begin_of_text|>", 0)])
+    d = tmp_path / "llama3"
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}
+    model = tiny_llama(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=tk.get_vocab_size(),
+                       max_seq_len=128, rope_theta=500000.0, rope_scaling=rope)
+    checkpoint.save_model(model, d)
+    tk.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
+                                                         "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return d
+
+
+def test_llama3_style_prune_export_transformers(files, llama3_folder, tmp_path):
+    import nuteprune
+    transformers = pytest.importorskip("transformers")
+    tok = checkpoint.find_tokenizer(llama3_folder)
+    assert isinstance(tok, tokenization.BPETokenizer) and tok.add_bos and tok.bos_id == 0 and tok.pre == "llama-bpe"
+    out = tmp_path / "run"
+    argv = ["--ckpt", str(llama3_folder), "--data", str(files / "corpus.txt"), "--target", "0.5", "--out", str(out),
+            "--block-size", "32", "--batch-size", "4", "--micro-batch-size", "2", "--heldout-blocks", "4",
+            "--max-steps", "4", "--lr-mask", "1", "--lr-lambda", "1", "--cache-dir", str(tmp_path / "cache"),
+            "--device", "cpu"]
+    nuteprune.main(argv)
+    pruned, tok2 = checkpoint.load(out / "pruned")
+    text = (files / "corpus.txt").read_text()[:400]
+    ids = tok2.encode(text, bos=tok2.add_bos)[:48]
+    assert ids[0] == 0 and tok2.encode(text) == tok.encode(text)
+    with torch.no_grad():
+        ours = pruned(torch.tensor([ids]))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "pruned", trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(torch.tensor([ids])).logits, ours, atol=1e-4, rtol=0)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out / "pruned", trust_remote_code=True)
+    for s in [text, " a  1 2345", "<|begin_of_text|> literal", "émoji 😀\n\n x"]:
+        assert hf_tok(s)["input_ids"] == tok.encode(s, bos=True)

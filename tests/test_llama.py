@@ -5,7 +5,6 @@ import torch
 
 import checkpoint
 import llama
-import tokenization
 from conftest import GQA, MHA, need, tiny_llama
 
 tiny = tiny_llama
@@ -254,7 +253,7 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="beyond the end of the file"):
         checkpoint.load_model(tmp_path / "cut")
     with pytest.raises(ValueError, match="no tokenizer .tokenizer.json, tokenizer.model"):
-        tokenization.find_tokenizer(tmp_path / "hf")
+        checkpoint.find_tokenizer(tmp_path / "hf")
 
 
 def test_wrong_tokenizer_is_rejected():

@@ -45,7 +45,7 @@ def test_sampled_gates_match_analytic_expectation():
     # E[z] by quadrature: z is a function of u ~ U(0, 1) (Eq. 4); midpoint rule on a fine grid
     u = (torch.arange(100000, dtype=torch.float64) + 0.5) / 100000
     s = torch.sigmoid((u.log() - (1 - u).log() + log_alpha.double()[:, None]) / npr.BETA)
-    expected_z = (s * (npr.R - npr.L) + npr.L).clamp(0, 1).mean(1).float()
+    expected_z = (s * (npr.STRETCH[1] - npr.STRETCH[0]) + npr.STRETCH[0]).clamp(0, 1).mean(1).float()
     torch.testing.assert_close(z.mean(0), expected_z, atol=0.01, rtol=0)
 
 

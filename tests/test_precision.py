@@ -7,6 +7,7 @@ import torch
 
 import llama
 import nuteprune as npr
+import runfolder
 from conftest import GQA, args, tiny_llama
 
 
@@ -17,7 +18,7 @@ def trainer(dtype=torch.float32, scaler=False, **flags):
     gates = npr.Gates(model.config)
     c = npr.RunConfig(ckpt="x", data="x", target=0.5, micro_batch_size=2, **flags)
     autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype != torch.float32 else npr.nullcontext
-    return npr.Trainer(model, gates, npr.prune_optimizer(gates, list(llama.lora_state(model).values())),
+    return npr.Parts(model, gates, npr.prune_optimizer(gates, list(llama.lora_state(model).values())),
                        torch.amp.GradScaler("cpu", enabled=scaler), c, autocast)
 
 
@@ -50,7 +51,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         idx = torch.randint(0, 64, (2, 16))
         sum(npr.student_loss(t.model, idx, z_leaf, None, t.c).values()).backward()
         grads.append([z_leaf.head.grad, z_leaf.intermediate.grad, z_leaf.hidden.grad]
-                     + [p.grad for p in t.lora_params])
+                     + [p.grad for p in t.lora_weights])
     for g0, g1 in zip(*grads):
         torch.testing.assert_close(g0, g1, atol=1e-7, rtol=1e-6)
 
@@ -85,7 +86,7 @@ def test_nonfinite_steps_are_counted_then_stop_the_run_keeping_its_checkpoint(fi
         npr.main(args(files, out, "--max-steps", "40", "--save-every", "4", "--log-every", "1"))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: ") and f"{npr.MAX_NONFINITE} steps in a row up to step 16" in err
+    assert err.startswith("error: ") and f"{runfolder.MAX_NONFINITE} steps in a row up to step 16" in err
     lines = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines() if '"prune"' in ln]
     assert [ln["skipped_steps"] for ln in lines[:4]] == [0, 0, 1, 1]  # step 3 skipped, counted
     state = torch.load(out / "state.pt", weights_only=True)

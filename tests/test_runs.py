@@ -186,20 +186,20 @@ def test_written_files_are_readable_by_others_under_a_022_umask(files, tmp_path)
 
 
 def test_cpu_threads_rule(monkeypatch):
-    import evaluate
+    import cli
     before = torch.get_num_threads()
     try:
         monkeypatch.delenv("NUTEPRUNE_THREADS", raising=False)
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         torch.set_num_threads(2)
-        assert evaluate.cpu_threads(260_000) == 1  # a small model: one thread
+        assert cli.cpu_threads(260_000) == 1  # a small model: one thread
         torch.set_num_threads(2)
-        assert evaluate.cpu_threads(7_000_000_000) == 2  # a large one keeps torch's default
+        assert cli.cpu_threads(7_000_000_000) == 2  # a large one keeps torch's default
         monkeypatch.setenv("NUTEPRUNE_THREADS", "2")
-        assert evaluate.cpu_threads(260_000) == 2  # the override wins
+        assert cli.cpu_threads(260_000) == 2  # the override wins
         monkeypatch.delenv("NUTEPRUNE_THREADS")
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         torch.set_num_threads(2)
-        assert evaluate.cpu_threads(260_000) == 2  # so does the user's OMP_NUM_THREADS
+        assert cli.cpu_threads(260_000) == 2  # so does the user's OMP_NUM_THREADS
     finally:
         torch.set_num_threads(before)

@@ -1,0 +1,98 @@
+"""What every command of the project shares on its command line: the argument parser (one-line errors, defaults in
+the help), the progress bar, the CPU thread rule and the "auto" device rule (the dtype rule is llama.parse_dtype).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+import llama
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`error: <what is wrong> (see PROG --help)` on stderr, exit status 2) instead of
+    the usage block, and help that shows each default where there is one. Every command of the project uses it."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=_DefaultsHelp, **kw)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+class _DefaultsHelp(argparse.HelpFormatter):
+    # like ArgumentDefaultsHelpFormatter, without "(default: None)" on flags that have no default
+    def _get_help_string(self, action):
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
+SMALL_MODEL = 100_000_000  # parameters: below it, CPU compute runs on one thread (bench/threads.py)
+
+
+def cpu_threads(n_params: int) -> int:
+    """Torch threads for CPU compute on a model of n_params, set and returned. A small model gains little from a
+    second thread and loses much beside any other busy process (every op waits for a descheduled thread), so it gets
+    one; a larger one keeps torch's default. NUTEPRUNE_THREADS=N overrides; so does an explicit OMP_NUM_THREADS."""
+    if os.environ.get("NUTEPRUNE_THREADS"):
+        n = int(os.environ["NUTEPRUNE_THREADS"])
+    elif os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    else:
+        n = 1 if n_params < SMALL_MODEL else torch.get_num_threads()
+    torch.set_num_threads(max(n, 1))
+    return torch.get_num_threads()
+
+
+def hms(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+    """`desc [####    ] n/total 0:01:02 ETA 0:03:10 4.20 it/s` on stderr: redrawn in place on a terminal, a whole
+    line every 30 s (and at the end) when stderr is a log file. The one progress bar of every command."""
+
+    def __init__(self, desc: str, total: int, start: int = 0, enabled: bool = True):
+        self.desc, self.total, self.start, self.n, self.enabled = desc, total, start, start, enabled
+        self.t0, self.shown, self.tty = time.time(), 0.0, sys.stderr.isatty()
+
+    def update(self, n: int):
+        self.n, now = n, time.time()
+        if not self.enabled or (now - self.shown < (0.5 if self.tty else 30) and n < self.total):
+            return
+        self.shown = now
+        rate = (n - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.total - n) / rate if rate > 0 else float("inf")
+        bar = "#" * (24 * n // max(self.total, 1))
+        line = f"{self.desc} [{bar:<24}] {n}/{self.total} {hms(now - self.t0)} ETA {hms(eta)} {rate:.2f} it/s"
+        sys.stderr.write(f"\r{line}\x1b[K" if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def advance(self, k: int = 1):
+        self.update(self.n + k)
+
+    def close(self):
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+def device(name: str) -> torch.device:
+    """--device of every command: auto is cuda when available, else cpu; anything else is a torch device name."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def device_dtype(device_name: str, dtype_name: str) -> tuple[torch.device, torch.dtype]:
+    """--device and --dtype together: the dtype's auto (llama.parse_dtype) depends on the device."""
+    d = device(device_name)
+    return d, llama.parse_dtype(dtype_name, d.type)

@@ -1,0 +1,132 @@
+"""Scale-out: `torchrun --nproc-per-node N nuteprune.py ...` runs one process per device. FSDP2 (`fully_shard`) shards
+the frozen base and LoRA per decoder layer and averages LoRA's gradients; the gates are small and replicated, drawn
+alike on every rank (same seed), their gradients averaged here. Each rank takes its share of every batch.
+Without torchrun (WORLD_SIZE unset or 1) none of this runs and torch.distributed is never initialised: every function
+below is then the identity (or 1, or 0).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+import llama
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank_id() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def init(device: torch.device) -> torch.device:
+    """Under torchrun: join the process group (NCCL on GPUs, gloo on CPUs); this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def finish():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_batch_sizes(**sizes: int):
+    """Every global batch splits evenly over the ranks (sizes by flag name, e.g. batch_size=16)."""
+    for flag, size in sizes.items():
+        if size % world_size():
+            raise ValueError(f"--{flag.replace('_', '-')} {size} does not split evenly over {world_size()} ranks")
+
+
+def shard_model(model: llama.Llama, device: torch.device):
+    """FSDP2: every decoder layer its own unit, then the root (embeddings, final norm, LM head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def local_share(batch):
+    """This rank's contiguous part of a global batch (all of it in a single process)."""
+    n = len(batch) // world_size()
+    return batch[rank_id() * n:(rank_id() + 1) * n]
+
+
+def average_over_ranks(tensors):
+    """Mean over ranks, in place, of a tensor or a list of tensors (None entries skipped); returns its input."""
+    if world_size() > 1:
+        for x in [tensors] if torch.is_tensor(tensors) else tensors:
+            if x is not None:
+                dist.all_reduce(x)  # gloo has no AVG: sum, then divide
+                x /= world_size()
+    return tensors
+
+
+def average_gate_grads(gates: torch.nn.Module):
+    """The gates (log_alpha, lambdas) are replicated, not sharded: FSDP averages LoRA's gradients, this theirs."""
+    average_over_ranks([p.grad for p in gates.parameters()])
+
+
+def average_values(values: dict[str, float]) -> dict[str, float]:
+    """The mean over ranks of each value (the loss terms of a step: each rank saw its share of the batch)."""
+    return dict(zip(values, average_over_ranks(torch.tensor(list(values.values()), dtype=torch.float64)).tolist()))
+
+
+def max_over_ranks(value: int) -> int:
+    if world_size() == 1:
+        return value
+    x = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return int(x.item())
+
+
+def all_ranks(flag: bool) -> bool:
+    """True when flag is true on every rank."""
+    return not max_over_ranks(0 if flag else 1)
+
+
+def local(x: torch.Tensor) -> torch.Tensor:
+    return x.to_local() if hasattr(x, "to_local") else x  # a DTensor's shard on this rank
+
+
+def full_tensor(x: torch.Tensor) -> torch.Tensor:
+    return x.full_tensor() if hasattr(x, "full_tensor") else x  # a DTensor gathered whole (every rank must call)
+
+
+def cpu_lora(model: llama.Llama) -> dict[str, torch.Tensor]:
+    """Full copies of the student's LoRA on the CPU (gathered from every rank when FSDP shards them)."""
+    return {k: full_tensor(v).detach().to("cpu", copy=True) for k, v in llama.lora_state(model).items()}
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict with every sharded moment gathered whole, on the CPU: what a single process saves."""
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: full_tensor(v).cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                   for i, s in sd["state"].items()}
+    return sd
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict):
+    """Load a full (single-process layout) optimizer state, sharding each moment like its parameter."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for i, s in sd["state"].items():
+        p = params[int(i)]
+        state[i] = {k: shard_like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v for k, v in s.items()}
+    optimizer.load_state_dict({**sd, "state": state})
+
+
+def shard_like(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    if not hasattr(p, "device_mesh"):
+        return x
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(x.to(local(p).device), p.device_mesh, p.placements)
