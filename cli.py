@@ -33,19 +33,39 @@ class _DefaultsHelp(argparse.HelpFormatter):
         return action.help + " (default: %(default)s)"
 
 
-SMALL_MODEL = 100_000_000  # parameters: below it, CPU compute runs on one thread (bench/threads.py)
+SMALL_MODEL = 100_000_000  # parameters: below it, CPU compute runs on one thread on a busy machine (bench/threads.py)
+BUSY = 0.5  # cores in use by others above which the machine counts as busy
+
+
+def busy_cores(seconds: float = 0.25) -> float:
+    """Cores in use right now by every process, from /proc/stat's idle time over a short window: the load average
+    lags a minute behind (a job that just ended still counts, one that just started does not)."""
+    def idle_total():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return v[3] + v[4], sum(v)
+    try:
+        i0, t0 = idle_total()
+        time.sleep(seconds)
+        i1, t1 = idle_total()
+    except (OSError, ValueError, IndexError):  # no /proc (macOS): the 1-minute load average instead
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
 
 
 def cpu_threads(n_params: int) -> int:
-    """Torch threads for CPU compute on a model of n_params, set and returned. A small model gains little from a
-    second thread and loses much beside any other busy process (every op waits for a descheduled thread), so it gets
-    one; a larger one keeps torch's default. NUTEPRUNE_THREADS=N overrides; so does an explicit OMP_NUM_THREADS."""
+    """Torch threads for CPU compute on a model of n_params, set and returned. On an idle machine torch's default
+    (every core) is kept. Beside another busy process a small model gets one thread: it gains little from a second and loses much (every
+    op waits for a descheduled thread); a larger one keeps torch's default. The machine is looked at once, at start.
+    NUTEPRUNE_THREADS=N overrides; so does an explicit OMP_NUM_THREADS."""
     if os.environ.get("NUTEPRUNE_THREADS"):
         n = int(os.environ["NUTEPRUNE_THREADS"])
     elif os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
+    elif n_params < SMALL_MODEL and busy_cores() > BUSY:
+        n = 1
     else:
-        n = 1 if n_params < SMALL_MODEL else torch.get_num_threads()
+        n = torch.get_num_threads()  # torch's default: every (physical) core
     torch.set_num_threads(max(n, 1))
     return torch.get_num_threads()
 

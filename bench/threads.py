@@ -3,8 +3,11 @@
 one competing CPU-bound process (a pure-Python busy loop, as any other program on a laptop or shared box).
 
     python bench/threads.py [--repeats 3] [--json bench/threads.json]
+    python bench/threads.py --first-command [--json bench/first_command.json]
 
-Run it on an otherwise idle machine. Each cell is the median seconds of --repeats runs of a fixed amount of work;
+Run it on an otherwise idle machine. --first-command times the README's first command, `python nuteprune.py --ckpt
+demo --target 0.5`, from an empty cache (as on a fresh clone: the demo is built, then pruned) with the thread rule
+left to choose (cli.cpu_threads), once on the idle machine and once beside one busy process. Each cell is the median seconds of --repeats runs of a fixed amount of work;
 ratios are against the idle machine with the same threads.
 """
 from __future__ import annotations
@@ -73,11 +76,47 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def first_command(busy: bool) -> dict:
+    """Wall seconds of the first command from an empty cache, and the threads the rule chose (from its log)."""
+    import tempfile
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUTEPRUNE_THREADS", "MKL_NUM_THREADS")}
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, str(ROOT / "nuteprune.py"), "--ckpt", "demo", "--target", "0.5",
+                                "--out", f"{tmp}/out"], env={**env, "NUTEPRUNE_CACHE": f"{tmp}/cache"}, cwd=ROOT,
+                               capture_output=True, text=True, check=True)
+            wall = time.perf_counter() - t0
+    finally:
+        if spinner:
+            spinner.kill()
+            spinner.wait()
+    build = [ln for ln in r.stderr.splitlines() + r.stdout.splitlines() if ln.startswith("demo: train loss")]
+    return {"wall_s": round(wall, 1), "build_line": build[-1] if build else None,
+            "summary": [ln for ln in r.stdout.splitlines() if ln.startswith(("dense", "pruned", "sparsity"))]}
+
+
+def main_first_command(path: str):
+    results = {"idle": first_command(False), "beside one busy process": first_command(True)}
+    for k, v in results.items():
+        print(f"{k}: {v['wall_s']:.0f} s; {v['build_line']}; {' / '.join(v['summary'])}", flush=True)
+    ratio = results["beside one busy process"]["wall_s"] / results["idle"]["wall_s"]
+    print(f"busy / idle: {ratio:.2f}×")
+    Path(path).write_text(json.dumps({"cpu_count": os.cpu_count(), "busy_over_idle": round(ratio, 2), **results},
+                                     indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", default=str(ROOT / "bench" / "threads.json"))
+    ap.add_argument("--json", default=None, help="default: bench/threads.json (bench/first_command.json)")
+    ap.add_argument("--first-command", action="store_true", help="time the README's first command, idle and busy")
     args = ap.parse_args(argv)
+    if args.first_command:
+        return main_first_command(args.json or str(ROOT / "bench" / "first_command.json"))
+    args.json = args.json or str(ROOT / "bench" / "threads.json")
     results = {}
     for name, make in WORKLOADS.items():
         fn, row = make(), {}

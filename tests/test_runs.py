@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -191,10 +192,15 @@ def test_cpu_threads_rule(monkeypatch):
     try:
         monkeypatch.delenv("NUTEPRUNE_THREADS", raising=False)
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(cli, "busy_cores", lambda: 1.0)  # another process keeps a core busy
         torch.set_num_threads(2)
         assert cli.cpu_threads(260_000) == 1  # a small model: one thread
         torch.set_num_threads(2)
         assert cli.cpu_threads(7_000_000_000) == 2  # a large one keeps torch's default
+        monkeypatch.setattr(cli, "busy_cores", lambda: 0.1)  # an idle machine
+        torch.set_num_threads(2)
+        assert cli.cpu_threads(260_000) == 2  # every core, small model or not
+        monkeypatch.setattr(cli, "busy_cores", lambda: 1.0)
         monkeypatch.setenv("NUTEPRUNE_THREADS", "2")
         assert cli.cpu_threads(260_000) == 2  # the override wins
         monkeypatch.delenv("NUTEPRUNE_THREADS")
@@ -203,3 +209,15 @@ def test_cpu_threads_rule(monkeypatch):
         assert cli.cpu_threads(260_000) == 2  # so does the user's OMP_NUM_THREADS
     finally:
         torch.set_num_threads(before)
+
+
+def test_busy_cores_sees_a_busy_process():
+    import cli
+    idle = cli.busy_cores()
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert cli.busy_cores() > min(idle + 0.5, 0.9)  # one more core at work
+    finally:
+        spin.kill()
+        spin.wait()
