@@ -81,13 +81,31 @@ class SentencePieceTokenizer(Tokenizer):
         return hashlib.sha256(self.model_bytes()).hexdigest()
 
     def files(self, max_len: int) -> dict[str, bytes]:
-        # transformers cannot guess the tokenizer from a nuteprune model_type: name it
+        """tokenizer.model for sentencepiece users, and tokenizer.json with the model's own normaliser, which
+        transformers' PreTrainedTokenizerFast follows exactly (its LlamaTokenizer conversion ignores
+        remove_extra_whitespaces, and transformers 5 splits leading and repeated spaces its own way). Without the
+        `tokenizers` package only tokenizer.model is written, for LlamaTokenizer."""
+        files = {"tokenizer.model": self.model_bytes()}
         c = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": self.add_bos, "add_eos_token": False,
              "legacy": True, "model_max_length": max_len, "clean_up_tokenization_spaces": False}
         for name, i in (("bos_token", self.sp.bos_id()), ("eos_token", self.sp.eos_id()), ("unk_token", self.sp.unk_id())):
             if i >= 0:
                 c[name] = self.sp.IdToPiece(i)
-        return {"tokenizer.model": self.model_bytes(), "tokenizer_config.json": json.dumps(c, indent=2).encode()}
+        try:
+            tk = spm_as_tokenizers(self.sp, spm_spec(self.model_bytes()))
+        except ValueError:  # no tokenizers package, or a model type it cannot express
+            tk = None
+        if tk is not None:
+            bos = self.sp.IdToPiece(self.bos_id) if self.bos_id >= 0 else None
+            if self.add_bos and bos:
+                t = _tokenizers()
+                tk.post_processor = t.processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                                    special_tokens=[(bos, self.bos_id)])
+            files["tokenizer.json"] = tk.to_str().encode()
+            c.update(tokenizer_class="PreTrainedTokenizerFast", split_special_tokens=True)
+            c.pop("legacy")
+        files["tokenizer_config.json"] = json.dumps(c, indent=2).encode()
+        return files
 
 
 def _varint(n: int) -> bytes:
@@ -120,6 +138,92 @@ def spm_proto(tokens, scores, types, unk: int, bos: int, eos: int, add_space_pre
                + _pb(43, -1))
     normalizer = _pb(1, "identity") + _pb(3, add_space_prefix) + _pb(4, False) + _pb(5, True)
     return pieces + _pb(2, trainer) + _pb(3, normalizer)
+
+
+def _pb_fields(buf: bytes):
+    """(field number, value) of one protobuf message: ints for varints, bytes for length-delimited, floats for
+    fixed32 (the wire types sentencepiece_model.proto uses)."""
+    i = 0
+    while i < len(buf):
+        key, i = _read_varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _read_varint(buf, i)
+        elif wire == 2:
+            n, i = _read_varint(buf, i)
+            value, i = buf[i:i + n], i + n
+        elif wire == 5:
+            value, i = struct.unpack("<f", buf[i:i + 4])[0], i + 4
+        elif wire == 1:
+            value, i = buf[i:i + 8], i + 8
+        else:
+            raise ValueError(f"protobuf wire type {wire} is not a SentencePiece model's")
+        yield field, value
+
+
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        b = buf[i]
+        n |= (b & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if b < 0x80:
+            return n, i
+
+
+def spm_spec(proto: bytes) -> dict:
+    """What decides a SentencePiece model's tokens besides its pieces: the model type, byte fallback and the
+    normaliser (with sentencepiece_model.proto's defaults)."""
+    spec = {"model_type": 1, "byte_fallback": False, "charsmap": b"", "add_dummy_prefix": True,
+            "remove_extra_whitespaces": True, "escape_whitespaces": True}
+    for field, value in _pb_fields(proto):
+        if field == 2:  # TrainerSpec
+            for f, v in _pb_fields(value):
+                if f == 3:
+                    spec["model_type"] = v
+                elif f == 35:
+                    spec["byte_fallback"] = bool(v)
+        elif field == 3:  # NormalizerSpec
+            for f, v in _pb_fields(value):
+                key = {2: "charsmap", 3: "add_dummy_prefix", 4: "remove_extra_whitespaces", 5: "escape_whitespaces"}.get(f)
+                if key:
+                    spec[key] = v if key == "charsmap" else bool(v)
+    return spec
+
+
+def spm_as_tokenizers(sp, spec: dict):
+    """The `tokenizers` equivalent of a SentencePiece model (sentencepiece.SentencePieceProcessor), normaliser
+    included: transformers reads it from tokenizer.json. BPE merges come from the pieces: a pair merges when their
+    concatenation is a piece, the higher its score the earlier. The whitespace rules are emitted only where the
+    model asks for them (remove_extra_whitespaces: stories260K's tok512 yes, LLaMA's no)."""
+    t = _tokenizers()
+    n = sp.vocab_size()
+    pieces = [sp.IdToPiece(i) for i in range(n)]
+    if spec["model_type"] == 2:
+        vocab = {p: i for i, p in enumerate(pieces)}
+        ranked = sorted(((sp.GetScore(vocab[p]), vocab[p], p[:k], p[k:]) for p in vocab if len(p) > 1
+                         for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab), key=lambda m: (-m[0], m[1]))
+        model = t.models.BPE(vocab, [(a, b) for _, _, a, b in ranked], unk_token=pieces[sp.unk_id()], fuse_unk=True,
+                             byte_fallback=spec["byte_fallback"])
+    elif spec["model_type"] == 1:
+        model = t.models.Unigram([(p, sp.GetScore(i)) for i, p in enumerate(pieces)], sp.unk_id(),
+                                 spec["byte_fallback"])
+    else:
+        raise ValueError(f"SentencePiece model type {spec['model_type']} has no tokenizer.json equivalent here")
+    tk = t.Tokenizer(model)
+    steps = [t.normalizers.Precompiled(spec["charsmap"])] if spec["charsmap"] else []
+    if spec["remove_extra_whitespaces"]:
+        steps += [t.normalizers.Replace(t.Regex("^ +| +$"), ""), t.normalizers.Replace(t.Regex(" {2,}"), " ")]
+    if spec["add_dummy_prefix"]:
+        steps.append(t.normalizers.Prepend("\u2581"))
+    if spec["escape_whitespaces"]:
+        steps.append(t.normalizers.Replace(" ", "\u2581"))
+    tk.normalizer = t.normalizers.Sequence(steps)
+    tk.decoder = t.decoders.Sequence([t.decoders.Replace("\u2581", " "), t.decoders.ByteFallback(), t.decoders.Fuse(),
+                                      t.decoders.Strip(" ", 1 if spec["add_dummy_prefix"] else 0, 0)])
+    tk.add_special_tokens([t.AddedToken(pieces[i], special=True, normalized=False) for i in range(n)
+                           if sp.IsControl(i) or sp.IsUnknown(i)])
+    return tk
 
 
 # -----------------------------------------------------------------------------
