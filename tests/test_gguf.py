@@ -196,6 +196,10 @@ def test_bad_input_gets_one_line(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps(unigram))
     assert "Unigram" in _one_line_error(["--ckpt", str(_write(tmp_path / "ok.gguf")), "--tokenizer",
                                          str(tmp_path / "tokenizer.json")] + tasks)
+    (tmp_path / "meta3").mkdir()
+    (tmp_path / "meta3" / "tokenizer.model").write_text("IQ== 0\nIg== 1\nIw== 2\n")  # Meta's Llama-3 tiktoken ranks
+    assert "tiktoken" in _one_line_error(["--ckpt", str(_write(tmp_path / "ok2.gguf")), "--tokenizer",
+                                          str(tmp_path / "meta3" / "tokenizer.model")] + tasks)
     err = _one_line_error(["--ckpt", "nobody-here/not-cached"] + tasks)
     assert "nobody-here/not-cached" in err and "--ckpt" in err
 
