@@ -440,7 +440,7 @@ def code_id(a: argparse.Namespace) -> dict:
     import hashlib
     d = code_dir(a)
     files = ("nuteprune.py", "llama.py", "data.py", "evaluate.py", "demo.py", "cli.py", "flags.py", "runfolder.py",
-             "distributed.py")  # the last four exist from issue 17 on
+             "distributed.py", "checkpoint.py", "tokenization.py", "hub.py")  # cli.py on exist from issues 17 and 20 on
     ids = {f: hashlib.sha256((d / f).read_bytes()).hexdigest()[:16] for f in files if (d / f).is_file()}
     if (d / ".commit").is_file():  # a frozen copy: the commit it was archived from
         ids["commit"] = (d / ".commit").read_text().strip()
