@@ -61,12 +61,29 @@ def local_share(batch):
     return batch[rank_id() * n:(rank_id() + 1) * n]
 
 
+def backend_device() -> torch.device:
+    """Where the process group's collectives run: NCCL reduces CUDA tensors only (c10d maps the backend to the cuda
+    device type alone: a CPU tensor fails with "No backend type associated with device type cpu"), gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in dist.get_backend() else torch.device("cpu")
+
+
+def all_reduce_(x: torch.Tensor, op=None) -> torch.Tensor:
+    """The one all-reduce of the project (sum unless op says otherwise), in place: through a copy on the backend's
+    device when x lives elsewhere (loss values are CPU floats; under NCCL they travel on this rank's GPU)."""
+    where = backend_device()
+    y = x if x.device == where else x.to(where)
+    dist.all_reduce(y, op=dist.ReduceOp.SUM if op is None else op)
+    if y is not x:
+        x.copy_(y)
+    return x
+
+
 def average_over_ranks(tensors):
     """Mean over ranks, in place, of a tensor or a list of tensors (None entries skipped); returns its input."""
     if world_size() > 1:
         for x in [tensors] if torch.is_tensor(tensors) else tensors:
             if x is not None:
-                dist.all_reduce(x)  # gloo has no AVG: sum, then divide
+                all_reduce_(x)  # gloo has no AVG: sum, then divide
                 x /= world_size()
     return tensors
 
@@ -84,9 +101,7 @@ def average_values(values: dict[str, float]) -> dict[str, float]:
 def max_over_ranks(value: int) -> int:
     if world_size() == 1:
         return value
-    x = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return int(x.item())
+    return int(all_reduce_(torch.tensor([value]), op=dist.ReduceOp.MAX).item())
 
 
 def all_ranks(flag: bool) -> bool:

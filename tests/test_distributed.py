@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import distributed
 import nuteprune as npr
 from conftest import ROOT, args, ft
 
@@ -51,6 +52,35 @@ def assert_same_run(a, b, atol=1e-5):
             torch.testing.assert_close(a[key][k], b[key][k], atol=atol, rtol=0)
     assert [s["level"] for s in a["snapshots"]] == [s["level"] for s in b["snapshots"]]
     assert a["stage2_start"] == b["stage2_start"]
+
+
+class Reached(Exception):
+    pass
+
+
+def test_every_collective_gets_its_tensor_on_the_backends_device(monkeypatch):
+    """Under NCCL a CPU tensor cannot be all-reduced: every collective of distributed.py must hand the backend a tensor
+    on backend_device(). No GPU here: the backend is faked and "meta" stands for the GPU."""
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert distributed.backend_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(distributed, "backend_device", lambda: torch.device("meta"))
+    seen = []
+
+    def all_reduce(t, op=None):
+        seen.append(t.device)
+        raise Reached  # meta holds no data to copy back; where the tensor went is what is checked
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    calls = [lambda: distributed.average_values({"kd": 1.0, "layer": 2.0}),  # the step's loss terms (CPU floats)
+             lambda: distributed.max_over_ranks(1), lambda: distributed.all_ranks(True),
+             lambda: distributed.average_over_ranks([torch.ones(2)])]
+    for call in calls:
+        with pytest.raises(Reached):
+            call()
+    assert seen == [torch.device("meta")] * len(calls)
 
 
 def test_two_ranks_equal_one_process(files, tmp_path):
