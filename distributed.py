@@ -122,22 +122,34 @@ def cpu_lora(model: llama.Llama) -> dict[str, torch.Tensor]:
     return {k: full_tensor(v).detach().to("cpu", copy=True) for k, v in llama.lora_state(model).items()}
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's state dict with every sharded moment gathered whole, on the CPU: what a single process saves."""
-    sd = optimizer.state_dict()
-    sd["state"] = {i: {k: full_tensor(v).cpu() if torch.is_tensor(v) else v for k, v in s.items()}
-                   for i, s in sd["state"].items()}
-    return sd
+def full_optimizer_state(optimizers: list[torch.optim.Optimizer]) -> dict:
+    """The optimizers' states as the one state dict of a single optimizer over all their groups (parameters numbered
+    on across them), every sharded moment gathered whole, on the CPU: the layout state.pt has always had."""
+    merged, offset = {"state": {}, "param_groups": []}, 0
+    for opt in optimizers:
+        sd = opt.state_dict()
+        merged["state"].update({i + offset: {k: full_tensor(v).cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                                for i, s in sd["state"].items()})
+        merged["param_groups"] += [{**g, "params": [i + offset for i in g["params"]]} for g in sd["param_groups"]]
+        offset += sum(len(g["params"]) for g in sd["param_groups"])
+    return merged
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict):
-    """Load a full (single-process layout) optimizer state, sharding each moment like its parameter."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    state = {}
-    for i, s in sd["state"].items():
-        p = params[int(i)]
-        state[i] = {k: shard_like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v for k, v in s.items()}
-    optimizer.load_state_dict({**sd, "state": state})
+def load_optimizer_state(optimizers: list[torch.optim.Optimizer], sd: dict):
+    """Load a full (single-process layout) state, split over the optimizers by their groups, each moment sharded like
+    its parameter."""
+    groups, offset = list(sd["param_groups"]), 0
+    for opt in optimizers:
+        mine, groups = groups[:len(opt.param_groups)], groups[len(opt.param_groups):]
+        ids = [i for g in mine for i in g["params"]]
+        params = [p for g in opt.param_groups for p in g["params"]]
+        assert ids == list(range(offset, offset + len(params))), "the checkpoint's optimizer has other groups"
+        state = {i - offset: {k: shard_like(v, params[i - offset]) if torch.is_tensor(v) and
+                              v.shape == params[i - offset].shape else v for k, v in s.items()}
+                 for i, s in sd["state"].items() if int(i) in ids}
+        opt.load_state_dict({"state": state, "param_groups": [{**g, "params": [i - offset for i in g["params"]]}
+                                                                for g in mine]})
+        offset += len(ids)
 
 
 def shard_like(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

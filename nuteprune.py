@@ -126,14 +126,15 @@ def lagrangian(expected: torch.Tensor, target: float, lambda_1, lambda_2) -> tor
     return lambda_1 * (expected - target) + lambda_2 * (expected - target) ** 2  # Eq. 5
 
 
-def prune_optimizer(gates: Gates, lora_weights: list) -> torch.optim.AdamW:
+def prune_optimizer(gates: Gates, lora_weights: list) -> list[torch.optim.AdamW]:
     # Eq. 5 is a saddle point: log_alpha (and LoRA) descend on the loss while the lambdas *ascend* on it, which is
     # what `maximize=True` on their group does (the reference uses a negative learning rate). AdamW without weight
-    # decay (METHOD.md §7); learning rates are set by group name every step.
+    # decay (METHOD.md §7); learning rates are set by group name every step. Two optimizers, the gates' and LoRA's
+    # (elementwise, so the same steps as one): under FSDP LoRA is DTensors and the gates plain tensors, and the fp16
+    # GradScaler unscales one optimizer's gradients in one kernel, which refuses the mix.
     groups = [{"name": "log_alpha", "params": [getattr(gates, g).log_alpha for g in MASK_GROUPS]},
               {"name": "lambda", "params": [gates.lambda_1, gates.lambda_2], "maximize": True}]
-    return torch.optim.AdamW(groups + ([{"name": "lora", "params": lora_weights}] if lora_weights else []),
-                             weight_decay=0.0)
+    return [torch.optim.AdamW(groups, weight_decay=0.0)] + (finetune_optimizer(lora_weights) if lora_weights else [])
 
 
 def target_at(step: int, target: float, warmup_steps: int) -> float:
@@ -382,10 +383,10 @@ class Schedule:
 
 @dataclass
 class Parts:
-    """What one optimizer step touches: the model (frozen base + LoRA), the gates, the optimizer and the scaler."""
+    """What one optimizer step touches: the model (frozen base + LoRA), the gates, the optimizers and the scaler."""
     model: llama.Llama
     gates: Gates
-    optimizer: torch.optim.Optimizer
+    optimizers: list[torch.optim.Optimizer]  # pruning: the gates' and LoRA's; post fine-tuning: LoRA's
     scaler: torch.amp.GradScaler
     c: RunConfig
     autocast: Callable = nullcontext
@@ -395,8 +396,8 @@ class Parts:
         return list(llama.lora_state(self.model).values())
 
 
-def finetune_optimizer(lora_weights: list) -> torch.optim.AdamW:
-    return torch.optim.AdamW([{"name": "lora", "params": lora_weights}], weight_decay=0.0)
+def finetune_optimizer(lora_weights: list) -> list[torch.optim.AdamW]:
+    return [torch.optim.AdamW([{"name": "lora", "params": lora_weights}], weight_decay=0.0)]
 
 
 @dataclass
@@ -503,25 +504,28 @@ def prune_step(parts: Parts, batch: torch.Tensor, teacher: Snapshot | None, targ
 def optimizer_step(parts: Parts, clip_params: list, losses) -> bool:
     """Unscale, clip, step, on every rank alike. A step whose loss or gradients are not finite changes nothing (no
     parameter, lambda or optimizer state; with fp16 the scaler lowers its scale) and returns False."""
-    parts.scaler.unscale_(parts.optimizer)
-    grads = [p.grad for g in parts.optimizer.param_groups for p in g["params"] if p.grad is not None]
+    for opt in parts.optimizers:  # one scaler, each optimizer unscaled on its own (torch's multi-optimizer recipe)
+        parts.scaler.unscale_(opt)
+    grads = [p.grad for opt in parts.optimizers for g in opt.param_groups for p in g["params"] if p.grad is not None]
     finite = all(math.isfinite(v) for v in losses)
     if finite and grads:  # one device sync for all the gradients, not one per tensor: this runs every step
         finite = bool(torch.stack([distributed.local(g).isfinite().all() for g in grads]).all())
     if not distributed.all_ranks(finite):
-        parts.optimizer.zero_grad(set_to_none=True)
+        for opt in parts.optimizers:
+            opt.zero_grad(set_to_none=True)
         parts.scaler.update()  # records the inf for fp16 (smaller scale next step); a no-op otherwise
         return False
     if clip_params:
         nn.utils.clip_grad_norm_(clip_params, parts.c.clip)
-    parts.scaler.step(parts.optimizer)
+    for opt in parts.optimizers:
+        parts.scaler.step(opt)
+        opt.zero_grad(set_to_none=True)
     parts.scaler.update()
-    parts.optimizer.zero_grad(set_to_none=True)
     return True
 
 
-def set_learning_rates(optimizer: torch.optim.Optimizer, lrs: dict[str, float]):
-    for group in optimizer.param_groups:
+def set_learning_rates(optimizers: list[torch.optim.Optimizer], lrs: dict[str, float]):
+    for group in (g for opt in optimizers for g in opt.param_groups):
         group["lr"] = lrs[group["name"]]
 
 
@@ -536,7 +540,7 @@ def prune(parts: Parts, st: RunState, blocks: torch.Tensor, heldout: torch.Tenso
                                sched.stage2_top) if c.distill == "pkd" else None
         target = target_at(st.step, c.target, sched.warmup_steps)
         lrs = {"log_alpha": c.lr_mask, "lambda": c.lr_lambda, "lora": linear_decay(st.step, c.lr_lora, sched.total_steps)}
-        set_learning_rates(parts.optimizer, lrs)
+        set_learning_rates(parts.optimizers, lrs)
         batch = blocks[batch_indices(st.step, len(blocks), c.batch_size, c.seed)]  # (B, T)
         terms = prune_step(parts, batch, teacher, target)
         expected = terms.pop("expected_sparsity")
@@ -601,7 +605,7 @@ def end_pruning(parts: Parts, st: RunState) -> Parts:
         start_finetune(parts.model, c)  # merges the pruning LoRA: on whole tensors, so before FSDP shards again
         if sharded:
             distributed.shard_model(parts.model, parts.gates.lambda_1.device)
-        parts = replace(parts, optimizer=finetune_optimizer(parts.lora_weights))
+        parts = replace(parts, optimizers=finetune_optimizer(parts.lora_weights))
     return parts
 
 
@@ -637,7 +641,7 @@ def finetune(parts: Parts, st: RunState, examples: list, sched: Schedule, pad_id
     final = st.final.to(device)
     bar = cli.Progress("finetune", sched.ft_total, st.ft_step, enabled=distributed.rank_id() == 0)
     while st.ft_step < sched.ft_total:
-        parts.optimizer.param_groups[0]["lr"] = lr = linear_decay(st.ft_step, c.ft_lr, sched.ft_total)
+        set_learning_rates(parts.optimizers, {"lora": (lr := linear_decay(st.ft_step, c.ft_lr, sched.ft_total))})
         batch = distributed.local_share([examples[i] for i in batch_indices(st.ft_step, len(examples),
                                                                              c.ft_batch_size, c.seed + 1)])
         loss_value = 0.0
@@ -749,9 +753,9 @@ def setup(c: RunConfig, saved: dict | None) -> tuple[Parts, tokenization.Tokeniz
         distributed.shard_model(model, device)
     st = RunState() if saved is None else RunState.from_saved(saved)
     lora_weights = list(llama.lora_state(model).values())
-    optimizer = prune_optimizer(gates, lora_weights) if st.phase == "prune" else finetune_optimizer(lora_weights)
+    optimizers = prune_optimizer(gates, lora_weights) if st.phase == "prune" else finetune_optimizer(lora_weights)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
-    parts = Parts(model, gates, optimizer, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), c,
+    parts = Parts(model, gates, optimizers, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), c,
                   autocast)
     if saved is not None:
         runfolder.load_parts(parts, saved)

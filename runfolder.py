@@ -69,10 +69,10 @@ def set_rng_state(s: dict):
 
 
 def save_state(out: Path, parts, st):
-    """The checkpoint of a run: `parts` (a nuteprune.Parts: model, gates, optimizer, scaler, config) and `st` (its
+    """The checkpoint of a run: `parts` (a nuteprune.Parts: model, gates, optimizers, scaler, config) and `st` (its
     nuteprune.RunState). Every rank calls it (sharded tensors are gathered); rank 0 writes the single-process layout."""
     current = distributed.cpu_lora(parts.model)
-    optimizer = distributed.full_optimizer_state(parts.optimizer) if st.phase != "done" else None
+    optimizer = distributed.full_optimizer_state(parts.optimizers) if st.phase != "done" else None
     if distributed.rank_id() != 0:
         return
     state = {
@@ -110,10 +110,10 @@ def load_state(out) -> dict:
 
 
 def load_parts(parts, saved: dict):
-    """A checkpoint's gates, optimizer and scaler state into `parts` (LoRA is attached with the model)."""
+    """A checkpoint's gates, optimizer and scaler states into `parts` (LoRA is attached with the model)."""
     parts.gates.load_state_dict(saved["gates"])
     if saved["optimizer"] is not None:
-        distributed.load_optimizer_state(parts.optimizer, saved["optimizer"])
+        distributed.load_optimizer_state(parts.optimizers, saved["optimizer"])
     if saved["scaler"] is not None:
         parts.scaler.load_state_dict(saved["scaler"])
 

@@ -129,3 +129,20 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(files, tmp_pat
     assert 6 <= state["step"] < 300 and not (tmp_path / "run" / "report.json").exists()
     npr.main(["--resume", str(tmp_path / "run"), "--max-steps", str(state["step"] + 2)])
     assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == state["step"] + 2
+
+
+def test_fp16_two_ranks_equal_one_process(files, tmp_path):
+    """fp16 under FSDP: the GradScaler unscales the gates' (plain) and LoRA's (DTensor) gradients in separate
+    optimizers (one optimizer holding both crashed at the first step), and two ranks compute what one process does:
+    the same masks, snapshots and scaler. The values agree to fp16's resolution, not fp32's: the CPU's matmul differs
+    by one ulp between FSDP's gathered weights and plain tensors (also in fp32, where that is 6e-8), an fp16 ulp is
+    5e-4, and --lr-mask 1 with Adam's normalised steps carries it into log_alpha."""
+    flags = ("--max-steps", "16", "--dtype", "fp16")
+    npr.main(args(files, tmp_path / "one", *flags))
+    p = torchrun(args(files, tmp_path / "two", *flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    a, b = load(tmp_path / "one"), load(tmp_path / "two")
+    assert a["scaler"] is not None and a["scaler"] == b["scaler"]
+    assert a["stage2_start"] is not None
+    assert_same_run(a, b, atol=5e-3)

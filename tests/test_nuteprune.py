@@ -145,7 +145,7 @@ def test_final_masks_keep_the_reference_rule_when_it_is_on_target():
 def test_one_ascent_step_moves_lambda_1_with_the_sign_of_expected_minus_target(offset):
     cfg = llama.LlamaConfig(**GQA)
     gates = npr.Gates(cfg)
-    optimizer = npr.prune_optimizer(gates, [])
+    [optimizer] = npr.prune_optimizer(gates, [])
     expected = npr.expected_sparsity(gates.prob_nonzero(), cfg)
     target = expected.item() - offset  # expected - target = offset
     npr.lagrangian(expected, target, gates.lambda_1, gates.lambda_2).backward()
