@@ -186,16 +186,18 @@ class LoRALinear(nn.Module):
     alone). A teacher's forward thus needs no copy into the trainable tensors, which under FSDP are sharded.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # frozen, possibly bf16 / meta-loaded
         self.weight.requires_grad_(False)
         self.rank, self.scale, self.adapter = rank, alpha / rank, "student"
         dev = base.weight.device
-        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=torch.float32))
-        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear; B = 0 makes the adapter a no-op
+        # drawn on the CPU (generator: a CPU one, else torch's default), then moved: the same values on any device,
+        # in one process or on every rank; a meta base (sharded loading) keeps them on the CPU until it is filled
+        a = nn.init.kaiming_uniform_(torch.empty(rank, self.in_features), a=math.sqrt(5), generator=generator)
+        self.lora_a = nn.Parameter(a if dev.type == "meta" else a.to(dev))  # as nn.Linear; B = 0: a no-op adapter
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=self.lora_a.device))
         self.register_buffer("teacher_a", torch.zeros(rank, self.in_features, device=dev), persistent=False)
         self.register_buffer("teacher_b", torch.zeros(self.out_features, rank, device=dev), persistent=False)
 
@@ -332,7 +334,8 @@ class Llama(nn.Module):
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # prunable, LoRA targets
 
 
-def add_lora(model: Llama, targets=("q_proj", "v_proj"), rank: int = 8, alpha: float = 8.0) -> Llama:
+def add_lora(model: Llama, targets=("q_proj", "v_proj"), rank: int = 8, alpha: float = 8.0,
+             generator: torch.Generator | None = None) -> Llama:
     valid = set(PROJECTIONS)
     if not set(targets) <= valid:
         raise ValueError(f"LoRA targets {sorted(set(targets) - valid)} are not projections; valid: {sorted(valid)}")
@@ -343,7 +346,7 @@ def add_lora(model: Llama, targets=("q_proj", "v_proj"), rank: int = 8, alpha: f
             for name in targets:
                 base = getattr(parent, name, None)
                 if isinstance(base, nn.Linear) and base.weight.shape.numel() > 0:
-                    setattr(parent, name, LoRALinear(base, rank, alpha))
+                    setattr(parent, name, LoRALinear(base, rank, alpha, generator))
     return model
 
 
@@ -395,8 +398,8 @@ def zero_lora(model: nn.Module) -> None:
 def merge_lora(model: nn.Module) -> nn.Module:
     for name, m in lora_modules(model).items():
         parent_name, _, attr = name.rpartition(".")
-        lin = nn.Linear(m.in_features, m.out_features, bias=False, device=m.weight.device, dtype=m.weight.dtype)
-        lin.weight.copy_(m.merged_weight())
+        lin = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")  # no throwaway random init
+        lin.weight = nn.Parameter(m.merged_weight(), requires_grad=False)
         setattr(model.get_submodule(parent_name), attr, lin)
     return model
 

@@ -51,13 +51,14 @@ LOG_ALPHA_MIN, LOG_ALPHA_MAX = math.log(1e-2), math.log(1e2)  # clamp after ever
 class HardConcrete(nn.Module):
     """Gates z in [0, 1] of one mask group, any shape; the last dimension is a row (one layer, or all of hidden)."""
 
-    def __init__(self, shape, init_mean: float, init_std: float = 0.01):
+    def __init__(self, shape, init_mean: float, init_std: float = 0.01, generator: torch.Generator | None = None):
         super().__init__()
-        self.log_alpha = nn.Parameter(torch.empty(shape).normal_(init_mean, init_std))
+        self.log_alpha = nn.Parameter(torch.empty(shape).normal_(init_mean, init_std, generator=generator))
 
-    def sample(self) -> torch.Tensor:
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        # the noise is drawn on the CPU (the run's generator) and moved: the same u on any device and every rank
         lo, hi = STRETCH
-        u = torch.rand_like(self.log_alpha).clamp(EPS, 1 - EPS)
+        u = torch.rand(self.log_alpha.shape, generator=generator).clamp(EPS, 1 - EPS).to(self.log_alpha.device)
         s = torch.sigmoid((u.log() - (1 - u).log() + self.log_alpha) / BETA)
         return (s * (hi - lo) + lo).clamp(0, 1)  # stretched to (l, r), then hard-clipped: exact 0s and 1s
 
@@ -81,19 +82,19 @@ class HardConcrete(nn.Module):
 class Gates(nn.Module):
     """The three mask groups (METHOD.md §1) and the two Lagrange multipliers of Eq. 5."""
 
-    def __init__(self, cfg: llama.LlamaConfig):
+    def __init__(self, cfg: llama.LlamaConfig, generator: torch.Generator | None = None):
         super().__init__()
-        self.head = HardConcrete((cfg.n_layers, cfg.n_heads), init_mean=10.0)  # [L, H]
-        self.intermediate = HardConcrete((cfg.n_layers, cfg.ffn_dim), init_mean=math.log(0.99 / 0.01))  # [L, I]
-        self.hidden = HardConcrete((cfg.dim,), init_mean=10.0)  # [D]
+        self.head = HardConcrete((cfg.n_layers, cfg.n_heads), 10.0, generator=generator)  # [L, H]
+        self.intermediate = HardConcrete((cfg.n_layers, cfg.ffn_dim), math.log(0.99 / 0.01), generator=generator)  # [L, I]
+        self.hidden = HardConcrete((cfg.dim,), 10.0, generator=generator)  # [D]
         self.lambda_1 = nn.Parameter(torch.zeros(()))
         self.lambda_2 = nn.Parameter(torch.zeros(()))
 
     def _each(self, fn) -> Masks:
         return Masks(*(fn(getattr(self, g)) for g in MASK_GROUPS))
 
-    def sample(self) -> Masks:
-        return self._each(HardConcrete.sample)
+    def sample(self, generator: torch.Generator | None = None) -> Masks:
+        return self._each(lambda g: g.sample(generator))
 
     def prob_nonzero(self) -> Masks:
         return self._each(HardConcrete.prob_nonzero)
@@ -390,6 +391,10 @@ class Parts:
     scaler: torch.amp.GradScaler
     c: RunConfig
     autocast: Callable = nullcontext
+    # The run's random stream, a CPU generator seeded with --seed: the gates' and LoRA's initial values, each step's
+    # mask noise (head, intermediate, hidden), then the fine-tuning LoRA's, in that order. The same on every device,
+    # rank and world size; state.pt keeps its state. None: torch's default CPU generator.
+    rng: torch.Generator | None = None
 
     @property
     def lora_weights(self) -> list:
@@ -430,23 +435,24 @@ class RunState:
                    s["ppl_before"], s["wall"], s.get("fit"), *s.get("skipped", (0, 0)), s.get("resumes", []))
 
 
-def attach_lora(model: llama.Llama, c: RunConfig, state: dict | None = None):
+def attach_lora(model: llama.Llama, c: RunConfig, state: dict | None = None, generator: torch.Generator | None = None):
     """The run's adapters on the base model: the pruning LoRA (METHOD.md §7: q, v), and once post fine-tuning has
-    begun that LoRA merged into the weights and the fine-tuning LoRA on top. Values come from a checkpoint if given."""
+    begun that LoRA merged into the weights and the fine-tuning LoRA on top. Values come from a checkpoint if given,
+    else from the generator."""
     if not c.no_lora:
-        llama.add_lora(model, c.lora_targets.split(","), c.lora_rank, c.lora_alpha)
+        llama.add_lora(model, c.lora_targets.split(","), c.lora_rank, c.lora_alpha, generator)
     if state is None:
         return
     if not c.no_lora:
         llama.load_lora_state(model, state["lora"])
     if state["ft_lora"] is not None:
-        start_finetune(model, c)
+        start_finetune(model, c, torch.Generator())  # values overwritten below
         llama.load_lora_state(model, state["ft_lora"])
 
 
-def start_finetune(model: llama.Llama, c: RunConfig):
+def start_finetune(model: llama.Llama, c: RunConfig, generator: torch.Generator | None = None):
     llama.merge_lora(model)  # the pruning LoRA becomes part of the (still frozen) weights
-    llama.add_lora(model, c.ft_lora_targets.split(","), c.lora_rank, c.lora_alpha)  # METHOD.md §7: every projection
+    llama.add_lora(model, c.ft_lora_targets.split(","), c.lora_rank, c.lora_alpha, generator)  # METHOD.md §7: all
 
 
 def load_run(out_dir, device="cpu", dtype=torch.float32) -> tuple[llama.Llama, Masks, tokenization.Tokenizer]:
@@ -474,7 +480,7 @@ def prune_step(parts: Parts, batch: torch.Tensor, teacher: Snapshot | None, targ
     # the forwards see z detached, so no micro-batch's graph reaches back through the sampler to log_alpha (each is
     # freed by its own backward); dL/dz accumulates on the leaves' .grad over the micro-batches, and the surrogate
     # sum(z * dL/dz) below carries it through the sampler once: the chain rule, with one small graph for Eq. 4.
-    z = gates.sample()
+    z = gates.sample(parts.rng)
     z_leaf = Masks(*(m.detach().requires_grad_() for m in mask_tensors(z)))
     # Eq. 9, L = kd_weight * L_kd + layer_weight * L_layer + L0: the distillation terms per micro-batch, weighted by
     # its share of the batch and back-propagated at once (one micro-batch's activations alive); L0 once, below.
@@ -602,7 +608,7 @@ def end_pruning(parts: Parts, st: RunState) -> Parts:
     if c.ft_data:
         sharded = distributed.world_size() > 1
         parts = replace(parts, model=unsharded_base(parts, st) if sharded else parts.model)
-        start_finetune(parts.model, c)  # merges the pruning LoRA: on whole tensors, so before FSDP shards again
+        start_finetune(parts.model, c, parts.rng)  # merges the pruning LoRA: on whole tensors, before FSDP shards
         if sharded:
             distributed.shard_model(parts.model, parts.gates.lambda_1.device)
         parts = replace(parts, optimizers=finetune_optimizer(parts.lora_weights))
@@ -743,12 +749,13 @@ def setup(c: RunConfig, saved: dict | None) -> tuple[Parts, tokenization.Tokeniz
     device, dtype = cli.device_dtype(c.device, c.dtype)
     device = distributed.init(device)
     runfolder.seed_all(c.seed)
+    rng = torch.Generator().manual_seed(c.seed)  # Parts.rng
     sharded = distributed.world_size() > 1
     model, tok = load_base(c, torch.device("cpu") if sharded else device, dtype)  # FSDP moves the shards
     if device.type == "cpu":
         cli.cpu_threads(llama.count_params(model))
-    gates = Gates(model.config).to(device)  # its initialisation draws from the seeded RNG before LoRA's
-    attach_lora(model, c, saved)
+    gates = Gates(model.config, rng).to(device)  # its initialisation draws from the run's stream before LoRA's
+    attach_lora(model, c, saved, rng)
     if sharded:
         distributed.shard_model(model, device)
     st = RunState() if saved is None else RunState.from_saved(saved)
@@ -756,7 +763,7 @@ def setup(c: RunConfig, saved: dict | None) -> tuple[Parts, tokenization.Tokeniz
     optimizers = prune_optimizer(gates, lora_weights) if st.phase == "prune" else finetune_optimizer(lora_weights)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
     parts = Parts(model, gates, optimizers, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), c,
-                  autocast)
+                  autocast, rng)
     if saved is not None:
         runfolder.load_parts(parts, saved)
     return parts, tok, st
@@ -808,12 +815,9 @@ def model_to_export(parts: Parts, st: RunState) -> llama.Llama | None:
 
 
 def unsharded_base(parts: Parts, st: RunState, ft_lora: dict | None = None) -> llama.Llama:
-    """Under torchrun: the base reloaded whole on the CPU with the pruning LoRA (and a fine-tuning LoRA), the RNG as
-    the run left it (so that the fine-tuning LoRA starts as in a single process)."""
-    rng = torch.get_rng_state()
+    """Under torchrun: the base reloaded whole on the CPU with the pruning LoRA (and a fine-tuning LoRA)."""
     model, _ = load_base(parts.c, torch.device("cpu"), cli.device_dtype(parts.c.device, parts.c.dtype)[1])
-    attach_lora(model, parts.c, {"lora": st.prune_lora, "ft_lora": ft_lora})
-    torch.set_rng_state(rng)
+    attach_lora(model, parts.c, {"lora": st.prune_lora, "ft_lora": ft_lora}, torch.Generator())  # values: loaded
     return model
 
 
