@@ -204,9 +204,10 @@ def layer_loss(student_hidden, teacher_hidden) -> torch.Tensor:
     return total
 
 
-def lm_loss(logits, labels) -> torch.Tensor:
+def lm_loss(logits, labels, reduction: str = "mean") -> torch.Tensor:
     # next-token cross-entropy; labels (B, T), -100 ignored
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=data.IGNORE)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=data.IGNORE,
+                           reduction=reduction)
 
 
 def student_loss(model: llama.Llama, idx: torch.Tensor, z: Masks, teacher: Snapshot | None,
@@ -648,17 +649,8 @@ def finetune(parts: Parts, st: RunState, examples: list, sched: Schedule, pad_id
     bar = cli.Progress("finetune", sched.ft_total, st.ft_step, enabled=distributed.rank_id() == 0)
     while st.ft_step < sched.ft_total:
         set_learning_rates(parts.optimizers, {"lora": (lr := linear_decay(st.ft_step, c.ft_lr, sched.ft_total))})
-        batch = distributed.local_share([examples[i] for i in batch_indices(st.ft_step, len(examples),
-                                                                             c.ft_batch_size, c.seed + 1)])
-        loss_value = 0.0
-        for i in range(0, len(batch), c.micro_batch_size):
-            ids, labels = data.pad_batch(batch[i:i + c.micro_batch_size], pad_id)  # (b, T) each
-            frac = len(ids) / len(batch)
-            with parts.autocast():
-                loss = lm_loss(parts.model(ids.to(device), final), labels.to(device))
-            parts.scaler.scale(loss * frac).backward()
-            loss_value += loss.item() * frac
-        loss_value = distributed.average_values({"loss": loss_value})["loss"]
+        batch = [examples[i] for i in batch_indices(st.ft_step, len(examples), c.ft_batch_size, c.seed + 1)]
+        loss_value = finetune_backward(parts, batch, final, pad_id)
         runfolder.count_nonfinite(st, optimizer_step(parts, lora_weights, [loss_value]), st.ft_step)
         st.ft_step += 1
         if st.ft_step % c.log_every == 0 or st.ft_step == sched.ft_total:
@@ -666,6 +658,21 @@ def finetune(parts: Parts, st: RunState, examples: list, sched: Schedule, pad_id
         bar.update(st.ft_step)
         ckpt.step_done(parts, st.ft_step, sched.ft_total)
     bar.close()
+
+def finetune_backward(parts: Parts, batch: list, final: Masks, pad_id: int) -> float:
+    """The gradient of one post fine-tuning batch (every rank's share of it) and its loss: the sum of the token
+    losses over the number of labelled tokens in the whole batch, so that neither --micro-batch-size nor the number
+    of ranks changes it (a mean of per-micro-batch means would weigh a short micro-batch's tokens more)."""
+    device, world = parts.gates.lambda_1.device, distributed.world_size()
+    n_labelled = max(sum(int((torch.tensor(y[1:]) != data.IGNORE).sum()) for _, y in batch), 1)
+    mine, loss_value = distributed.local_share(batch), 0.0
+    for i in range(0, len(mine), parts.c.micro_batch_size):
+        ids, labels = data.pad_batch(mine[i:i + parts.c.micro_batch_size], pad_id)  # (b, T) each
+        with parts.autocast():
+            loss = lm_loss(parts.model(ids.to(device), final), labels.to(device), reduction="sum") / n_labelled
+        parts.scaler.scale(loss * world).backward()  # FSDP averages the ranks' gradients: the sum is the batch's
+        loss_value += loss.item()
+    return distributed.average_values({"loss": loss_value})["loss"] * world
 
 # -----------------------------------------------------------------------------
 # schedules and data order

@@ -95,6 +95,9 @@ def test_two_ranks_equal_one_process(files, tmp_path):
     ra, rb = (json.loads((tmp_path / x / "report.json").read_text()) for x in ("one", "two"))
     assert ra["sparsity"] == rb["sparsity"] and ra["layers"] == rb["layers"]
     assert rb["ppl_after"] == pytest.approx(ra["ppl_after"], rel=1e-4)
+    ft_loss = [[json.loads(ln)["loss"] for ln in (tmp_path / x / "log.jsonl").read_text().splitlines()
+                if '"finetune"' in ln] for x in ("one", "two")]
+    assert len(ft_loss[0]) == 2 and ft_loss[1] == pytest.approx(ft_loss[0], rel=1e-6, abs=0)  # the batch's token mean
     assert out.count("of prunable weights") == 1  # the summary (and the export) come from rank 0 alone
 
 
