@@ -473,52 +473,73 @@ def _prune_layer(layer, kv_map: list[int], z_head, z_int, keep_d, zd, norm_scale
     }, kkv
 
 
+def _fp32_masks(cfg: LlamaConfig, masks: Masks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    f32 = dict(dtype=torch.float32, device="cpu")
+    z_head = torch.ones(cfg.n_layers, cfg.n_heads, **f32) if masks.head is None else masks.head.detach().to(**f32)
+    z_int = torch.ones(cfg.n_layers, cfg.ffn_dim, **f32) if masks.intermediate is None else masks.intermediate.detach().to(**f32)
+    z_hid = torch.ones(cfg.dim, **f32) if masks.hidden is None else masks.hidden.detach().to(**f32)
+    return z_head, z_int, z_hid
+
+
+def pruned_config(cfg: LlamaConfig, masks: Masks) -> LlamaConfig:
+    """The config of prune_model's result, from the masks alone (no weight is read)."""
+    if not cfg.uniform:
+        raise ValueError("model is already pruned")
+    z_head, z_int, z_hid = _fp32_masks(cfg, masks)
+    Dp = int((z_hid != 0).sum())
+    if Dp == 0:
+        raise ValueError("the hidden mask prunes every dimension")
+    heads, kv_heads, ffn, kv_map = [], [], [], []
+    for i in range(cfg.n_layers):
+        kh = z_head[i].nonzero().squeeze(1).tolist()
+        kept_kv = sorted({cfg.kv_map[i][h] for h in kh})  # a K/V head survives if any head of its group does
+        heads.append(len(kh))
+        kv_heads.append(len(kept_kv))
+        ffn.append(int((z_int[i] != 0).sum()))
+        kv_map.append([kept_kv.index(cfg.kv_map[i][h]) for h in kh])
+    # A tied lm_head reads the unscaled embeddings: it stays tied only when the kept hidden gates are exactly 1.
+    tie = cfg.tie_embeddings and bool((z_hid[z_hid != 0] == 1).all())
+    return LlamaConfig(dim=Dp, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                       head_dim=cfg.head_dim, ffn_dim=cfg.ffn_dim, vocab_size=cfg.vocab_size,
+                       norm_eps=cfg.norm_eps * cfg.dim / Dp, rope_theta=cfg.rope_theta, max_seq_len=cfg.max_seq_len,
+                       tie_embeddings=tie, rope_scaling=cfg.rope_scaling, heads=heads, kv_heads=kv_heads, ffn=ffn,
+                       kv_map=kv_map)
+
+
+@torch.no_grad()
+def pruned_state(model: Llama, masks: Masks):
+    """prune_model's tensors, yielded as (name, tensor) one group at a time (the embeddings, final norm and LM head,
+    then each decoder layer), at the base dtype on the CPU: one layer is in fp32 at a time, never the whole model."""
+    cfg = model.config
+    new = pruned_config(cfg, masks)
+    z_head, z_int, z_hid = _fp32_masks(cfg, masks)
+    keep_d = z_hid.nonzero().squeeze(1)  # kept hidden dims, (D',)
+    zd = z_hid[keep_d]
+    dtype = model.model.embed_tokens.weight.dtype
+    # A standard RMSNorm over D' kept dims reproduces the masked one (mean over D): weight * sqrt(D/D'), eps * D/D'.
+    norm_scale = math.sqrt(cfg.dim / keep_d.numel())
+    emb = model.model.embed_tokens.weight.detach().float().cpu()
+    yield "model.embed_tokens.weight", ((emb * z_hid)[:, keep_d]).to(dtype)
+    del emb
+    yield "model.norm.weight", (model.model.norm.weight.detach().float().cpu()[keep_d] * norm_scale).to(dtype)
+    if not new.tie_embeddings:
+        yield "lm_head.weight", _weight(model.lm_head)[:, keep_d].to(dtype)
+    for i, layer in enumerate(model.model.layers):
+        layer_state, _ = _prune_layer(layer, cfg.kv_map[i], z_head[i], z_int[i], keep_d, zd, norm_scale, cfg.head_dim)
+        for k, v in layer_state.items():
+            yield f"model.layers.{i}.{k}", v.to(dtype)
+
+
 @torch.no_grad()
 def prune_model(model: Llama, masks: Masks) -> Llama:
     """Physically remove what the masks zero, folding the kept (possibly soft) gate values into the weights.
 
     Exact: the returned model's logits equal model(idx, masks) (up to float rounding) for any gate values.
     """
-    cfg = model.config
-    if not cfg.uniform:
-        raise ValueError("model is already pruned")
-    L, H, D, dh = cfg.n_layers, cfg.n_heads, cfg.dim, cfg.head_dim
-    f32 = dict(dtype=torch.float32, device="cpu")
-    z_head = torch.ones(L, H, **f32) if masks.head is None else masks.head.detach().to(**f32)
-    z_int = torch.ones(L, cfg.ffn_dim, **f32) if masks.intermediate is None else masks.intermediate.detach().to(**f32)
-    z_hid = torch.ones(D, **f32) if masks.hidden is None else masks.hidden.detach().to(**f32)
-    keep_d = z_hid.nonzero().squeeze(1)  # kept hidden dims, (D',)
-    Dp = keep_d.numel()
-    if Dp == 0:
-        raise ValueError("the hidden mask prunes every dimension")
-    zd = z_hid[keep_d]
-
-    # A standard RMSNorm over D' kept dims reproduces the masked one (mean over D): weight * sqrt(D/D'), eps * D/D'.
-    norm_scale = math.sqrt(D / Dp)
-    emb = model.model.embed_tokens.weight.detach().float().cpu()
-    state = {"model.embed_tokens.weight": (emb * z_hid)[:, keep_d],
-             "model.norm.weight": model.model.norm.weight.detach().float().cpu()[keep_d] * norm_scale}
-    # A tied lm_head reads the unscaled embeddings: it stays tied only when the kept hidden gates are exactly 1.
-    tie = cfg.tie_embeddings and bool((zd == 1).all())
-    if not tie:
-        state["lm_head.weight"] = _weight(model.lm_head)[:, keep_d]
-    heads, kv_heads, ffn, kv_map = [], [], [], []
-    for i, layer in enumerate(model.model.layers):
-        layer_state, kept_kv = _prune_layer(layer, cfg.kv_map[i], z_head[i], z_int[i], keep_d, zd, norm_scale, dh)
-        state.update({f"model.layers.{i}.{k}": v for k, v in layer_state.items()})
-        kh = z_head[i].nonzero().squeeze(1).tolist()
-        heads.append(len(kh))
-        kv_heads.append(len(kept_kv))
-        ffn.append(int((z_int[i] != 0).sum()))
-        kv_map.append([kept_kv.index(cfg.kv_map[i][h]) for h in kh])
-    new = LlamaConfig(dim=Dp, n_layers=L, n_heads=H, n_kv_heads=cfg.n_kv_heads, head_dim=dh, ffn_dim=cfg.ffn_dim,
-                      vocab_size=cfg.vocab_size, norm_eps=cfg.norm_eps * D / Dp, rope_theta=cfg.rope_theta,
-                      max_seq_len=cfg.max_seq_len, tie_embeddings=tie, rope_scaling=cfg.rope_scaling,
-                      heads=heads, kv_heads=kv_heads, ffn=ffn, kv_map=kv_map)
-    dtype = model.model.embed_tokens.weight.dtype
+    new = pruned_config(model.config, masks)
     pruned = meta_model(new)
-    pruned.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=not tie, assign=True)
-    if tie:
+    pruned.load_state_dict(dict(pruned_state(model, masks)), strict=not new.tie_embeddings, assign=True)
+    if new.tie_embeddings:
         pruned.lm_head.weight = pruned.model.embed_tokens.weight
     return pruned.to(model.model.embed_tokens.weight.device).eval()
 
