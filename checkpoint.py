@@ -429,6 +429,9 @@ def write_safetensors(tensors, out: Path, shard_bytes: int = SHARD_BYTES) -> Non
     def flush():
         tmp = out / f".model-{len(parts) + 1:05d}.safetensors.part"
         save_file(shard, str(tmp), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; open() would give the umask's permissions
         parts.append((tmp, list(shard)))
     try:
         for name, t in tensors:
