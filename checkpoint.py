@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from llama import Llama, LlamaConfig, Masks, lora_modules, meta_model, prune_model, rope_inv_freq
+from llama import Llama, LlamaConfig, Masks, lora_modules, meta_model, pruned_config, pruned_state, rope_inv_freq
 from tokenization import SentencePieceTokenizer, Tokenizer, looks_like_tiktoken, open_tokenizer, tokenizer_from_gguf
 
 # -----------------------------------------------------------------------------
@@ -416,25 +416,73 @@ def atomic_write(path, write) -> None:
 HF_CODE = Path(__file__).resolve().parent / "hf"  # configuration_nuteprune.py, modeling_nuteprune.py
 
 
-def save_model(model: Llama, out_dir, tokenizer: Tokenizer | str | Path | None = None) -> None:
-    """HF-format directory: config.json + model.safetensors (+ the tokenizer's own files: tokenizer.model or
-    tokenizer.json, and tokenizer_config.json); a pruned model also gets its transformers code,
-    configuration_nuteprune.py + modeling_nuteprune.py (trust_remote_code)."""
+SHARD_BYTES = 5 * 10 ** 9  # transformers' default max_shard_size, "5GB"
+
+
+def write_safetensors(tensors, out: Path, shard_bytes: int = SHARD_BYTES) -> None:
+    """(name, tensor) pairs, consumed one at a time, into out/model.safetensors, or, past shard_bytes, into
+    model-0000k-of-0000n.safetensors shards with model.safetensors.index.json, as transformers' save_pretrained writes
+    them: no more than one shard's tensors are held at once. Shards of an earlier export in out are removed."""
     from safetensors.torch import save_file
+    parts, shard, size, total = [], {}, 0, 0
+
+    def flush():
+        tmp = out / f".model-{len(parts) + 1:05d}.safetensors.part"
+        save_file(shard, str(tmp), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; open() would give the umask's permissions
+        parts.append((tmp, list(shard)))
+    try:
+        for name, t in tensors:
+            if shard and size + t.nbytes > shard_bytes:
+                flush()
+                shard, size = {}, 0
+            shard[name] = t.detach().contiguous().cpu()
+            size, total = size + t.nbytes, total + t.nbytes
+        flush()
+        names = {tmp: "model.safetensors" if len(parts) == 1 else f"model-{k:05d}-of-{len(parts):05d}.safetensors"
+                 for k, (tmp, _) in enumerate(parts, 1)}
+        stale = [*out.glob("model-*-of-*.safetensors"), out / "model.safetensors.index.json", out / "model.safetensors"]
+        for old in stale:  # an earlier export's files that this one does not replace
+            if old.name not in names.values():
+                old.unlink(missing_ok=True)
+        for tmp, name in names.items():
+            os.replace(tmp, out / name)
+    finally:
+        for tmp, _ in parts:
+            tmp.unlink(missing_ok=True)
+    if len(parts) > 1:
+        weight_map = {n: names[tmp] for tmp, shard_names in parts for n in shard_names}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        atomic_write(out / "model.safetensors.index.json", lambda p: p.write_text(json.dumps(index, indent=2)))
+
+
+def save_model(model: Llama, out_dir, tokenizer: Tokenizer | str | Path | None = None,
+               shard_bytes: int = SHARD_BYTES) -> None:
+    """HF-format directory: config.json + model.safetensors (sharded past shard_bytes) (+ the tokenizer's own files:
+    tokenizer.model or tokenizer.json, and tokenizer_config.json); a pruned model also gets its transformers code,
+    configuration_nuteprune.py + modeling_nuteprune.py (trust_remote_code)."""
     if lora_modules(model):
         raise ValueError("model still has LoRA adapters; call merge_lora(model) before saving")
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")
+    write_hf(out_dir, state.items(), model.config, model.model.embed_tokens.weight.dtype, tokenizer, shard_bytes)
+
+
+def write_hf(out_dir, tensors, cfg: LlamaConfig, dtype: torch.dtype, tokenizer: Tokenizer | str | Path | None = None,
+             shard_bytes: int = SHARD_BYTES) -> None:
+    """The folder of save_model from (name, tensor) pairs, written as they come."""
     if isinstance(tokenizer, (str, Path)):
         tokenizer = SentencePieceTokenizer(tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight")
-    hf = model.config.to_hf()
-    hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    hf = cfg.to_hf()
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     if tokenizer is not None:
         hf.update(bos_token_id=tokenizer.bos_id if tokenizer.bos_id >= 0 else None, eos_token_id=tokenizer.eos_id)
-    atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    write_safetensors(tensors, out, shard_bytes)
     for name in ("configuration_nuteprune.py", "modeling_nuteprune.py"):  # the transformers code of a pruned model
         if "auto_map" in hf:
             atomic_write(out / name, lambda p: shutil.copyfile(HF_CODE / name, p))
@@ -442,12 +490,13 @@ def save_model(model: Llama, out_dir, tokenizer: Tokenizer | str | Path | None =
             (out / name).unlink()
     atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(hf, indent=2)))
     if tokenizer is not None:
-        for name, content in tokenizer.files(model.config.max_seq_len).items():
+        for name, content in tokenizer.files(cfg.max_seq_len).items():
             atomic_write(out / name, lambda p: p.write_bytes(content))
 
 
-def export_pruned(model: Llama, masks: Masks, out_dir, tokenizer: Tokenizer | None = None) -> LlamaConfig:
-    pruned = prune_model(model, masks)
-    save_model(pruned, out_dir, tokenizer)
-    return pruned.config
-
+def export_pruned(model: Llama, masks: Masks, out_dir, tokenizer: Tokenizer | None = None,
+                  shard_bytes: int = SHARD_BYTES) -> LlamaConfig:
+    """The pruned model (llama.prune_model's) written layer by layer at the base dtype: never whole, never in fp32."""
+    cfg = pruned_config(model.config, masks)
+    write_hf(out_dir, pruned_state(model, masks), cfg, model.model.embed_tokens.weight.dtype, tokenizer, shard_bytes)
+    return cfg

@@ -61,12 +61,29 @@ def local_share(batch):
     return batch[rank_id() * n:(rank_id() + 1) * n]
 
 
+def backend_device() -> torch.device:
+    """Where the process group's collectives run: NCCL reduces CUDA tensors only (c10d maps the backend to the cuda
+    device type alone: a CPU tensor fails with "No backend type associated with device type cpu"), gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in dist.get_backend() else torch.device("cpu")
+
+
+def all_reduce_(x: torch.Tensor, op=None) -> torch.Tensor:
+    """The one all-reduce of the project (sum unless op says otherwise), in place: through a copy on the backend's
+    device when x lives elsewhere (loss values are CPU floats; under NCCL they travel on this rank's GPU)."""
+    where = backend_device()
+    y = x if x.device == where else x.to(where)
+    dist.all_reduce(y, op=dist.ReduceOp.SUM if op is None else op)
+    if y is not x:
+        x.copy_(y)
+    return x
+
+
 def average_over_ranks(tensors):
     """Mean over ranks, in place, of a tensor or a list of tensors (None entries skipped); returns its input."""
     if world_size() > 1:
         for x in [tensors] if torch.is_tensor(tensors) else tensors:
             if x is not None:
-                dist.all_reduce(x)  # gloo has no AVG: sum, then divide
+                all_reduce_(x)  # gloo has no AVG: sum, then divide
                 x /= world_size()
     return tensors
 
@@ -84,9 +101,7 @@ def average_values(values: dict[str, float]) -> dict[str, float]:
 def max_over_ranks(value: int) -> int:
     if world_size() == 1:
         return value
-    x = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return int(x.item())
+    return int(all_reduce_(torch.tensor([value]), op=dist.ReduceOp.MAX).item())
 
 
 def all_ranks(flag: bool) -> bool:
@@ -107,22 +122,34 @@ def cpu_lora(model: llama.Llama) -> dict[str, torch.Tensor]:
     return {k: full_tensor(v).detach().to("cpu", copy=True) for k, v in llama.lora_state(model).items()}
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's state dict with every sharded moment gathered whole, on the CPU: what a single process saves."""
-    sd = optimizer.state_dict()
-    sd["state"] = {i: {k: full_tensor(v).cpu() if torch.is_tensor(v) else v for k, v in s.items()}
-                   for i, s in sd["state"].items()}
-    return sd
+def full_optimizer_state(optimizers: list[torch.optim.Optimizer]) -> dict:
+    """The optimizers' states as the one state dict of a single optimizer over all their groups (parameters numbered
+    on across them), every sharded moment gathered whole, on the CPU: the layout state.pt has always had."""
+    merged, offset = {"state": {}, "param_groups": []}, 0
+    for opt in optimizers:
+        sd = opt.state_dict()
+        merged["state"].update({i + offset: {k: full_tensor(v).cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                                for i, s in sd["state"].items()})
+        merged["param_groups"] += [{**g, "params": [i + offset for i in g["params"]]} for g in sd["param_groups"]]
+        offset += sum(len(g["params"]) for g in sd["param_groups"])
+    return merged
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict):
-    """Load a full (single-process layout) optimizer state, sharding each moment like its parameter."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    state = {}
-    for i, s in sd["state"].items():
-        p = params[int(i)]
-        state[i] = {k: shard_like(v, p) if torch.is_tensor(v) and v.shape == p.shape else v for k, v in s.items()}
-    optimizer.load_state_dict({**sd, "state": state})
+def load_optimizer_state(optimizers: list[torch.optim.Optimizer], sd: dict):
+    """Load a full (single-process layout) state, split over the optimizers by their groups, each moment sharded like
+    its parameter."""
+    groups, offset = list(sd["param_groups"]), 0
+    for opt in optimizers:
+        mine, groups = groups[:len(opt.param_groups)], groups[len(opt.param_groups):]
+        ids = [i for g in mine for i in g["params"]]
+        params = [p for g in opt.param_groups for p in g["params"]]
+        assert ids == list(range(offset, offset + len(params))), "the checkpoint's optimizer has other groups"
+        state = {i - offset: {k: shard_like(v, params[i - offset]) if torch.is_tensor(v) and
+                              v.shape == params[i - offset].shape else v for k, v in s.items()}
+                 for i, s in sd["state"].items() if int(i) in ids}
+        opt.load_state_dict({"state": state, "param_groups": [{**g, "params": [i - offset for i in g["params"]]}
+                                                                for g in mine]})
+        offset += len(ids)
 
 
 def shard_like(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

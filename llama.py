@@ -186,16 +186,18 @@ class LoRALinear(nn.Module):
     alone). A teacher's forward thus needs no copy into the trainable tensors, which under FSDP are sharded.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight  # frozen, possibly bf16 / meta-loaded
         self.weight.requires_grad_(False)
         self.rank, self.scale, self.adapter = rank, alpha / rank, "student"
         dev = base.weight.device
-        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=torch.float32))
-        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear; B = 0 makes the adapter a no-op
+        # drawn on the CPU (generator: a CPU one, else torch's default), then moved: the same values on any device,
+        # in one process or on every rank; a meta base (sharded loading) keeps them on the CPU until it is filled
+        a = nn.init.kaiming_uniform_(torch.empty(rank, self.in_features), a=math.sqrt(5), generator=generator)
+        self.lora_a = nn.Parameter(a if dev.type == "meta" else a.to(dev))  # as nn.Linear; B = 0: a no-op adapter
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=self.lora_a.device))
         self.register_buffer("teacher_a", torch.zeros(rank, self.in_features, device=dev), persistent=False)
         self.register_buffer("teacher_b", torch.zeros(self.out_features, rank, device=dev), persistent=False)
 
@@ -332,7 +334,8 @@ class Llama(nn.Module):
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # prunable, LoRA targets
 
 
-def add_lora(model: Llama, targets=("q_proj", "v_proj"), rank: int = 8, alpha: float = 8.0) -> Llama:
+def add_lora(model: Llama, targets=("q_proj", "v_proj"), rank: int = 8, alpha: float = 8.0,
+             generator: torch.Generator | None = None) -> Llama:
     valid = set(PROJECTIONS)
     if not set(targets) <= valid:
         raise ValueError(f"LoRA targets {sorted(set(targets) - valid)} are not projections; valid: {sorted(valid)}")
@@ -343,7 +346,7 @@ def add_lora(model: Llama, targets=("q_proj", "v_proj"), rank: int = 8, alpha: f
             for name in targets:
                 base = getattr(parent, name, None)
                 if isinstance(base, nn.Linear) and base.weight.shape.numel() > 0:
-                    setattr(parent, name, LoRALinear(base, rank, alpha))
+                    setattr(parent, name, LoRALinear(base, rank, alpha, generator))
     return model
 
 
@@ -395,8 +398,8 @@ def zero_lora(model: nn.Module) -> None:
 def merge_lora(model: nn.Module) -> nn.Module:
     for name, m in lora_modules(model).items():
         parent_name, _, attr = name.rpartition(".")
-        lin = nn.Linear(m.in_features, m.out_features, bias=False, device=m.weight.device, dtype=m.weight.dtype)
-        lin.weight.copy_(m.merged_weight())
+        lin = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")  # no throwaway random init
+        lin.weight = nn.Parameter(m.merged_weight(), requires_grad=False)
         setattr(model.get_submodule(parent_name), attr, lin)
     return model
 
@@ -470,52 +473,73 @@ def _prune_layer(layer, kv_map: list[int], z_head, z_int, keep_d, zd, norm_scale
     }, kkv
 
 
+def _fp32_masks(cfg: LlamaConfig, masks: Masks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    f32 = dict(dtype=torch.float32, device="cpu")
+    z_head = torch.ones(cfg.n_layers, cfg.n_heads, **f32) if masks.head is None else masks.head.detach().to(**f32)
+    z_int = torch.ones(cfg.n_layers, cfg.ffn_dim, **f32) if masks.intermediate is None else masks.intermediate.detach().to(**f32)
+    z_hid = torch.ones(cfg.dim, **f32) if masks.hidden is None else masks.hidden.detach().to(**f32)
+    return z_head, z_int, z_hid
+
+
+def pruned_config(cfg: LlamaConfig, masks: Masks) -> LlamaConfig:
+    """The config of prune_model's result, from the masks alone (no weight is read)."""
+    if not cfg.uniform:
+        raise ValueError("model is already pruned")
+    z_head, z_int, z_hid = _fp32_masks(cfg, masks)
+    Dp = int((z_hid != 0).sum())
+    if Dp == 0:
+        raise ValueError("the hidden mask prunes every dimension")
+    heads, kv_heads, ffn, kv_map = [], [], [], []
+    for i in range(cfg.n_layers):
+        kh = z_head[i].nonzero().squeeze(1).tolist()
+        kept_kv = sorted({cfg.kv_map[i][h] for h in kh})  # a K/V head survives if any head of its group does
+        heads.append(len(kh))
+        kv_heads.append(len(kept_kv))
+        ffn.append(int((z_int[i] != 0).sum()))
+        kv_map.append([kept_kv.index(cfg.kv_map[i][h]) for h in kh])
+    # A tied lm_head reads the unscaled embeddings: it stays tied only when the kept hidden gates are exactly 1.
+    tie = cfg.tie_embeddings and bool((z_hid[z_hid != 0] == 1).all())
+    return LlamaConfig(dim=Dp, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                       head_dim=cfg.head_dim, ffn_dim=cfg.ffn_dim, vocab_size=cfg.vocab_size,
+                       norm_eps=cfg.norm_eps * cfg.dim / Dp, rope_theta=cfg.rope_theta, max_seq_len=cfg.max_seq_len,
+                       tie_embeddings=tie, rope_scaling=cfg.rope_scaling, heads=heads, kv_heads=kv_heads, ffn=ffn,
+                       kv_map=kv_map)
+
+
+@torch.no_grad()
+def pruned_state(model: Llama, masks: Masks):
+    """prune_model's tensors, yielded as (name, tensor) one group at a time (the embeddings, final norm and LM head,
+    then each decoder layer), at the base dtype on the CPU: one layer is in fp32 at a time, never the whole model."""
+    cfg = model.config
+    new = pruned_config(cfg, masks)
+    z_head, z_int, z_hid = _fp32_masks(cfg, masks)
+    keep_d = z_hid.nonzero().squeeze(1)  # kept hidden dims, (D',)
+    zd = z_hid[keep_d]
+    dtype = model.model.embed_tokens.weight.dtype
+    # A standard RMSNorm over D' kept dims reproduces the masked one (mean over D): weight * sqrt(D/D'), eps * D/D'.
+    norm_scale = math.sqrt(cfg.dim / keep_d.numel())
+    emb = model.model.embed_tokens.weight.detach().float().cpu()
+    yield "model.embed_tokens.weight", ((emb * z_hid)[:, keep_d]).to(dtype)
+    del emb
+    yield "model.norm.weight", (model.model.norm.weight.detach().float().cpu()[keep_d] * norm_scale).to(dtype)
+    if not new.tie_embeddings:
+        yield "lm_head.weight", _weight(model.lm_head)[:, keep_d].to(dtype)
+    for i, layer in enumerate(model.model.layers):
+        layer_state, _ = _prune_layer(layer, cfg.kv_map[i], z_head[i], z_int[i], keep_d, zd, norm_scale, cfg.head_dim)
+        for k, v in layer_state.items():
+            yield f"model.layers.{i}.{k}", v.to(dtype)
+
+
 @torch.no_grad()
 def prune_model(model: Llama, masks: Masks) -> Llama:
     """Physically remove what the masks zero, folding the kept (possibly soft) gate values into the weights.
 
     Exact: the returned model's logits equal model(idx, masks) (up to float rounding) for any gate values.
     """
-    cfg = model.config
-    if not cfg.uniform:
-        raise ValueError("model is already pruned")
-    L, H, D, dh = cfg.n_layers, cfg.n_heads, cfg.dim, cfg.head_dim
-    f32 = dict(dtype=torch.float32, device="cpu")
-    z_head = torch.ones(L, H, **f32) if masks.head is None else masks.head.detach().to(**f32)
-    z_int = torch.ones(L, cfg.ffn_dim, **f32) if masks.intermediate is None else masks.intermediate.detach().to(**f32)
-    z_hid = torch.ones(D, **f32) if masks.hidden is None else masks.hidden.detach().to(**f32)
-    keep_d = z_hid.nonzero().squeeze(1)  # kept hidden dims, (D',)
-    Dp = keep_d.numel()
-    if Dp == 0:
-        raise ValueError("the hidden mask prunes every dimension")
-    zd = z_hid[keep_d]
-
-    # A standard RMSNorm over D' kept dims reproduces the masked one (mean over D): weight * sqrt(D/D'), eps * D/D'.
-    norm_scale = math.sqrt(D / Dp)
-    emb = model.model.embed_tokens.weight.detach().float().cpu()
-    state = {"model.embed_tokens.weight": (emb * z_hid)[:, keep_d],
-             "model.norm.weight": model.model.norm.weight.detach().float().cpu()[keep_d] * norm_scale}
-    # A tied lm_head reads the unscaled embeddings: it stays tied only when the kept hidden gates are exactly 1.
-    tie = cfg.tie_embeddings and bool((zd == 1).all())
-    if not tie:
-        state["lm_head.weight"] = _weight(model.lm_head)[:, keep_d]
-    heads, kv_heads, ffn, kv_map = [], [], [], []
-    for i, layer in enumerate(model.model.layers):
-        layer_state, kept_kv = _prune_layer(layer, cfg.kv_map[i], z_head[i], z_int[i], keep_d, zd, norm_scale, dh)
-        state.update({f"model.layers.{i}.{k}": v for k, v in layer_state.items()})
-        kh = z_head[i].nonzero().squeeze(1).tolist()
-        heads.append(len(kh))
-        kv_heads.append(len(kept_kv))
-        ffn.append(int((z_int[i] != 0).sum()))
-        kv_map.append([kept_kv.index(cfg.kv_map[i][h]) for h in kh])
-    new = LlamaConfig(dim=Dp, n_layers=L, n_heads=H, n_kv_heads=cfg.n_kv_heads, head_dim=dh, ffn_dim=cfg.ffn_dim,
-                      vocab_size=cfg.vocab_size, norm_eps=cfg.norm_eps * D / Dp, rope_theta=cfg.rope_theta,
-                      max_seq_len=cfg.max_seq_len, tie_embeddings=tie, rope_scaling=cfg.rope_scaling,
-                      heads=heads, kv_heads=kv_heads, ffn=ffn, kv_map=kv_map)
-    dtype = model.model.embed_tokens.weight.dtype
+    new = pruned_config(model.config, masks)
     pruned = meta_model(new)
-    pruned.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=not tie, assign=True)
-    if tie:
+    pruned.load_state_dict(dict(pruned_state(model, masks)), strict=not new.tie_embeddings, assign=True)
+    if new.tie_embeddings:
         pruned.lm_head.weight = pruned.model.embed_tokens.weight
     return pruned.to(model.model.embed_tokens.weight.device).eval()
 

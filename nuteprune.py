@@ -51,13 +51,14 @@ LOG_ALPHA_MIN, LOG_ALPHA_MAX = math.log(1e-2), math.log(1e2)  # clamp after ever
 class HardConcrete(nn.Module):
     """Gates z in [0, 1] of one mask group, any shape; the last dimension is a row (one layer, or all of hidden)."""
 
-    def __init__(self, shape, init_mean: float, init_std: float = 0.01):
+    def __init__(self, shape, init_mean: float, init_std: float = 0.01, generator: torch.Generator | None = None):
         super().__init__()
-        self.log_alpha = nn.Parameter(torch.empty(shape).normal_(init_mean, init_std))
+        self.log_alpha = nn.Parameter(torch.empty(shape).normal_(init_mean, init_std, generator=generator))
 
-    def sample(self) -> torch.Tensor:
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        # the noise is drawn on the CPU (the run's generator) and moved: the same u on any device and every rank
         lo, hi = STRETCH
-        u = torch.rand_like(self.log_alpha).clamp(EPS, 1 - EPS)
+        u = torch.rand(self.log_alpha.shape, generator=generator).clamp(EPS, 1 - EPS).to(self.log_alpha.device)
         s = torch.sigmoid((u.log() - (1 - u).log() + self.log_alpha) / BETA)
         return (s * (hi - lo) + lo).clamp(0, 1)  # stretched to (l, r), then hard-clipped: exact 0s and 1s
 
@@ -81,19 +82,19 @@ class HardConcrete(nn.Module):
 class Gates(nn.Module):
     """The three mask groups (METHOD.md §1) and the two Lagrange multipliers of Eq. 5."""
 
-    def __init__(self, cfg: llama.LlamaConfig):
+    def __init__(self, cfg: llama.LlamaConfig, generator: torch.Generator | None = None):
         super().__init__()
-        self.head = HardConcrete((cfg.n_layers, cfg.n_heads), init_mean=10.0)  # [L, H]
-        self.intermediate = HardConcrete((cfg.n_layers, cfg.ffn_dim), init_mean=math.log(0.99 / 0.01))  # [L, I]
-        self.hidden = HardConcrete((cfg.dim,), init_mean=10.0)  # [D]
+        self.head = HardConcrete((cfg.n_layers, cfg.n_heads), 10.0, generator=generator)  # [L, H]
+        self.intermediate = HardConcrete((cfg.n_layers, cfg.ffn_dim), math.log(0.99 / 0.01), generator=generator)  # [L, I]
+        self.hidden = HardConcrete((cfg.dim,), 10.0, generator=generator)  # [D]
         self.lambda_1 = nn.Parameter(torch.zeros(()))
         self.lambda_2 = nn.Parameter(torch.zeros(()))
 
     def _each(self, fn) -> Masks:
         return Masks(*(fn(getattr(self, g)) for g in MASK_GROUPS))
 
-    def sample(self) -> Masks:
-        return self._each(HardConcrete.sample)
+    def sample(self, generator: torch.Generator | None = None) -> Masks:
+        return self._each(lambda g: g.sample(generator))
 
     def prob_nonzero(self) -> Masks:
         return self._each(HardConcrete.prob_nonzero)
@@ -126,14 +127,15 @@ def lagrangian(expected: torch.Tensor, target: float, lambda_1, lambda_2) -> tor
     return lambda_1 * (expected - target) + lambda_2 * (expected - target) ** 2  # Eq. 5
 
 
-def prune_optimizer(gates: Gates, lora_weights: list) -> torch.optim.AdamW:
+def prune_optimizer(gates: Gates, lora_weights: list) -> list[torch.optim.AdamW]:
     # Eq. 5 is a saddle point: log_alpha (and LoRA) descend on the loss while the lambdas *ascend* on it, which is
     # what `maximize=True` on their group does (the reference uses a negative learning rate). AdamW without weight
-    # decay (METHOD.md §7); learning rates are set by group name every step.
+    # decay (METHOD.md §7); learning rates are set by group name every step. Two optimizers, the gates' and LoRA's
+    # (elementwise, so the same steps as one): under FSDP LoRA is DTensors and the gates plain tensors, and the fp16
+    # GradScaler unscales one optimizer's gradients in one kernel, which refuses the mix.
     groups = [{"name": "log_alpha", "params": [getattr(gates, g).log_alpha for g in MASK_GROUPS]},
               {"name": "lambda", "params": [gates.lambda_1, gates.lambda_2], "maximize": True}]
-    return torch.optim.AdamW(groups + ([{"name": "lora", "params": lora_weights}] if lora_weights else []),
-                             weight_decay=0.0)
+    return [torch.optim.AdamW(groups, weight_decay=0.0)] + (finetune_optimizer(lora_weights) if lora_weights else [])
 
 
 def target_at(step: int, target: float, warmup_steps: int) -> float:
@@ -202,9 +204,10 @@ def layer_loss(student_hidden, teacher_hidden) -> torch.Tensor:
     return total
 
 
-def lm_loss(logits, labels) -> torch.Tensor:
+def lm_loss(logits, labels, reduction: str = "mean") -> torch.Tensor:
     # next-token cross-entropy; labels (B, T), -100 ignored
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=data.IGNORE)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=data.IGNORE,
+                           reduction=reduction)
 
 
 def student_loss(model: llama.Llama, idx: torch.Tensor, z: Masks, teacher: Snapshot | None,
@@ -382,21 +385,25 @@ class Schedule:
 
 @dataclass
 class Parts:
-    """What one optimizer step touches: the model (frozen base + LoRA), the gates, the optimizer and the scaler."""
+    """What one optimizer step touches: the model (frozen base + LoRA), the gates, the optimizers and the scaler."""
     model: llama.Llama
     gates: Gates
-    optimizer: torch.optim.Optimizer
+    optimizers: list[torch.optim.Optimizer]  # pruning: the gates' and LoRA's; post fine-tuning: LoRA's
     scaler: torch.amp.GradScaler
     c: RunConfig
     autocast: Callable = nullcontext
+    # The run's random stream, a CPU generator seeded with --seed: the gates' and LoRA's initial values, each step's
+    # mask noise (head, intermediate, hidden), then the fine-tuning LoRA's, in that order. The same on every device,
+    # rank and world size; state.pt keeps its state. None: torch's default CPU generator.
+    rng: torch.Generator | None = None
 
     @property
     def lora_weights(self) -> list:
         return list(llama.lora_state(self.model).values())
 
 
-def finetune_optimizer(lora_weights: list) -> torch.optim.AdamW:
-    return torch.optim.AdamW([{"name": "lora", "params": lora_weights}], weight_decay=0.0)
+def finetune_optimizer(lora_weights: list) -> list[torch.optim.AdamW]:
+    return [torch.optim.AdamW([{"name": "lora", "params": lora_weights}], weight_decay=0.0)]
 
 
 @dataclass
@@ -429,23 +436,24 @@ class RunState:
                    s["ppl_before"], s["wall"], s.get("fit"), *s.get("skipped", (0, 0)), s.get("resumes", []))
 
 
-def attach_lora(model: llama.Llama, c: RunConfig, state: dict | None = None):
+def attach_lora(model: llama.Llama, c: RunConfig, state: dict | None = None, generator: torch.Generator | None = None):
     """The run's adapters on the base model: the pruning LoRA (METHOD.md §7: q, v), and once post fine-tuning has
-    begun that LoRA merged into the weights and the fine-tuning LoRA on top. Values come from a checkpoint if given."""
+    begun that LoRA merged into the weights and the fine-tuning LoRA on top. Values come from a checkpoint if given,
+    else from the generator."""
     if not c.no_lora:
-        llama.add_lora(model, c.lora_targets.split(","), c.lora_rank, c.lora_alpha)
+        llama.add_lora(model, c.lora_targets.split(","), c.lora_rank, c.lora_alpha, generator)
     if state is None:
         return
     if not c.no_lora:
         llama.load_lora_state(model, state["lora"])
     if state["ft_lora"] is not None:
-        start_finetune(model, c)
+        start_finetune(model, c, torch.Generator())  # values overwritten below
         llama.load_lora_state(model, state["ft_lora"])
 
 
-def start_finetune(model: llama.Llama, c: RunConfig):
+def start_finetune(model: llama.Llama, c: RunConfig, generator: torch.Generator | None = None):
     llama.merge_lora(model)  # the pruning LoRA becomes part of the (still frozen) weights
-    llama.add_lora(model, c.ft_lora_targets.split(","), c.lora_rank, c.lora_alpha)  # METHOD.md §7: every projection
+    llama.add_lora(model, c.ft_lora_targets.split(","), c.lora_rank, c.lora_alpha, generator)  # METHOD.md §7: all
 
 
 def load_run(out_dir, device="cpu", dtype=torch.float32) -> tuple[llama.Llama, Masks, tokenization.Tokenizer]:
@@ -473,7 +481,7 @@ def prune_step(parts: Parts, batch: torch.Tensor, teacher: Snapshot | None, targ
     # the forwards see z detached, so no micro-batch's graph reaches back through the sampler to log_alpha (each is
     # freed by its own backward); dL/dz accumulates on the leaves' .grad over the micro-batches, and the surrogate
     # sum(z * dL/dz) below carries it through the sampler once: the chain rule, with one small graph for Eq. 4.
-    z = gates.sample()
+    z = gates.sample(parts.rng)
     z_leaf = Masks(*(m.detach().requires_grad_() for m in mask_tensors(z)))
     # Eq. 9, L = kd_weight * L_kd + layer_weight * L_layer + L0: the distillation terms per micro-batch, weighted by
     # its share of the batch and back-propagated at once (one micro-batch's activations alive); L0 once, below.
@@ -503,25 +511,28 @@ def prune_step(parts: Parts, batch: torch.Tensor, teacher: Snapshot | None, targ
 def optimizer_step(parts: Parts, clip_params: list, losses) -> bool:
     """Unscale, clip, step, on every rank alike. A step whose loss or gradients are not finite changes nothing (no
     parameter, lambda or optimizer state; with fp16 the scaler lowers its scale) and returns False."""
-    parts.scaler.unscale_(parts.optimizer)
-    grads = [p.grad for g in parts.optimizer.param_groups for p in g["params"] if p.grad is not None]
+    for opt in parts.optimizers:  # one scaler, each optimizer unscaled on its own (torch's multi-optimizer recipe)
+        parts.scaler.unscale_(opt)
+    grads = [p.grad for opt in parts.optimizers for g in opt.param_groups for p in g["params"] if p.grad is not None]
     finite = all(math.isfinite(v) for v in losses)
     if finite and grads:  # one device sync for all the gradients, not one per tensor: this runs every step
         finite = bool(torch.stack([distributed.local(g).isfinite().all() for g in grads]).all())
     if not distributed.all_ranks(finite):
-        parts.optimizer.zero_grad(set_to_none=True)
+        for opt in parts.optimizers:
+            opt.zero_grad(set_to_none=True)
         parts.scaler.update()  # records the inf for fp16 (smaller scale next step); a no-op otherwise
         return False
     if clip_params:
         nn.utils.clip_grad_norm_(clip_params, parts.c.clip)
-    parts.scaler.step(parts.optimizer)
+    for opt in parts.optimizers:
+        parts.scaler.step(opt)
+        opt.zero_grad(set_to_none=True)
     parts.scaler.update()
-    parts.optimizer.zero_grad(set_to_none=True)
     return True
 
 
-def set_learning_rates(optimizer: torch.optim.Optimizer, lrs: dict[str, float]):
-    for group in optimizer.param_groups:
+def set_learning_rates(optimizers: list[torch.optim.Optimizer], lrs: dict[str, float]):
+    for group in (g for opt in optimizers for g in opt.param_groups):
         group["lr"] = lrs[group["name"]]
 
 
@@ -536,7 +547,7 @@ def prune(parts: Parts, st: RunState, blocks: torch.Tensor, heldout: torch.Tenso
                                sched.stage2_top) if c.distill == "pkd" else None
         target = target_at(st.step, c.target, sched.warmup_steps)
         lrs = {"log_alpha": c.lr_mask, "lambda": c.lr_lambda, "lora": linear_decay(st.step, c.lr_lora, sched.total_steps)}
-        set_learning_rates(parts.optimizer, lrs)
+        set_learning_rates(parts.optimizers, lrs)
         batch = blocks[batch_indices(st.step, len(blocks), c.batch_size, c.seed)]  # (B, T)
         terms = prune_step(parts, batch, teacher, target)
         expected = terms.pop("expected_sparsity")
@@ -598,10 +609,10 @@ def end_pruning(parts: Parts, st: RunState) -> Parts:
     if c.ft_data:
         sharded = distributed.world_size() > 1
         parts = replace(parts, model=unsharded_base(parts, st) if sharded else parts.model)
-        start_finetune(parts.model, c)  # merges the pruning LoRA: on whole tensors, so before FSDP shards again
+        start_finetune(parts.model, c, parts.rng)  # merges the pruning LoRA: on whole tensors, before FSDP shards
         if sharded:
             distributed.shard_model(parts.model, parts.gates.lambda_1.device)
-        parts = replace(parts, optimizer=finetune_optimizer(parts.lora_weights))
+        parts = replace(parts, optimizers=finetune_optimizer(parts.lora_weights))
     return parts
 
 
@@ -637,18 +648,9 @@ def finetune(parts: Parts, st: RunState, examples: list, sched: Schedule, pad_id
     final = st.final.to(device)
     bar = cli.Progress("finetune", sched.ft_total, st.ft_step, enabled=distributed.rank_id() == 0)
     while st.ft_step < sched.ft_total:
-        parts.optimizer.param_groups[0]["lr"] = lr = linear_decay(st.ft_step, c.ft_lr, sched.ft_total)
-        batch = distributed.local_share([examples[i] for i in batch_indices(st.ft_step, len(examples),
-                                                                             c.ft_batch_size, c.seed + 1)])
-        loss_value = 0.0
-        for i in range(0, len(batch), c.micro_batch_size):
-            ids, labels = data.pad_batch(batch[i:i + c.micro_batch_size], pad_id)  # (b, T) each
-            frac = len(ids) / len(batch)
-            with parts.autocast():
-                loss = lm_loss(parts.model(ids.to(device), final), labels.to(device))
-            parts.scaler.scale(loss * frac).backward()
-            loss_value += loss.item() * frac
-        loss_value = distributed.average_values({"loss": loss_value})["loss"]
+        set_learning_rates(parts.optimizers, {"lora": (lr := linear_decay(st.ft_step, c.ft_lr, sched.ft_total))})
+        batch = [examples[i] for i in batch_indices(st.ft_step, len(examples), c.ft_batch_size, c.seed + 1)]
+        loss_value = finetune_backward(parts, batch, final, pad_id)
         runfolder.count_nonfinite(st, optimizer_step(parts, lora_weights, [loss_value]), st.ft_step)
         st.ft_step += 1
         if st.ft_step % c.log_every == 0 or st.ft_step == sched.ft_total:
@@ -656,6 +658,21 @@ def finetune(parts: Parts, st: RunState, examples: list, sched: Schedule, pad_id
         bar.update(st.ft_step)
         ckpt.step_done(parts, st.ft_step, sched.ft_total)
     bar.close()
+
+def finetune_backward(parts: Parts, batch: list, final: Masks, pad_id: int) -> float:
+    """The gradient of one post fine-tuning batch (every rank's share of it) and its loss: the sum of the token
+    losses over the number of labelled tokens in the whole batch, so that neither --micro-batch-size nor the number
+    of ranks changes it (a mean of per-micro-batch means would weigh a short micro-batch's tokens more)."""
+    device, world = parts.gates.lambda_1.device, distributed.world_size()
+    n_labelled = max(sum(int((torch.tensor(y[1:]) != data.IGNORE).sum()) for _, y in batch), 1)
+    mine, loss_value = distributed.local_share(batch), 0.0
+    for i in range(0, len(mine), parts.c.micro_batch_size):
+        ids, labels = data.pad_batch(mine[i:i + parts.c.micro_batch_size], pad_id)  # (b, T) each
+        with parts.autocast():
+            loss = lm_loss(parts.model(ids.to(device), final), labels.to(device), reduction="sum") / n_labelled
+        parts.scaler.scale(loss * world).backward()  # FSDP averages the ranks' gradients: the sum is the batch's
+        loss_value += loss.item()
+    return distributed.average_values({"loss": loss_value})["loss"] * world
 
 # -----------------------------------------------------------------------------
 # schedules and data order
@@ -739,20 +756,21 @@ def setup(c: RunConfig, saved: dict | None) -> tuple[Parts, tokenization.Tokeniz
     device, dtype = cli.device_dtype(c.device, c.dtype)
     device = distributed.init(device)
     runfolder.seed_all(c.seed)
+    rng = torch.Generator().manual_seed(c.seed)  # Parts.rng
     sharded = distributed.world_size() > 1
     model, tok = load_base(c, torch.device("cpu") if sharded else device, dtype)  # FSDP moves the shards
     if device.type == "cpu":
         cli.cpu_threads(llama.count_params(model))
-    gates = Gates(model.config).to(device)  # its initialisation draws from the seeded RNG before LoRA's
-    attach_lora(model, c, saved)
+    gates = Gates(model.config, rng).to(device)  # its initialisation draws from the run's stream before LoRA's
+    attach_lora(model, c, saved, rng)
     if sharded:
         distributed.shard_model(model, device)
     st = RunState() if saved is None else RunState.from_saved(saved)
     lora_weights = list(llama.lora_state(model).values())
-    optimizer = prune_optimizer(gates, lora_weights) if st.phase == "prune" else finetune_optimizer(lora_weights)
+    optimizers = prune_optimizer(gates, lora_weights) if st.phase == "prune" else finetune_optimizer(lora_weights)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
-    parts = Parts(model, gates, optimizer, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), c,
-                  autocast)
+    parts = Parts(model, gates, optimizers, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), c,
+                  autocast, rng)
     if saved is not None:
         runfolder.load_parts(parts, saved)
     return parts, tok, st
@@ -804,12 +822,9 @@ def model_to_export(parts: Parts, st: RunState) -> llama.Llama | None:
 
 
 def unsharded_base(parts: Parts, st: RunState, ft_lora: dict | None = None) -> llama.Llama:
-    """Under torchrun: the base reloaded whole on the CPU with the pruning LoRA (and a fine-tuning LoRA), the RNG as
-    the run left it (so that the fine-tuning LoRA starts as in a single process)."""
-    rng = torch.get_rng_state()
+    """Under torchrun: the base reloaded whole on the CPU with the pruning LoRA (and a fine-tuning LoRA)."""
     model, _ = load_base(parts.c, torch.device("cpu"), cli.device_dtype(parts.c.device, parts.c.dtype)[1])
-    attach_lora(model, parts.c, {"lora": st.prune_lora, "ft_lora": ft_lora})
-    torch.set_rng_state(rng)
+    attach_lora(model, parts.c, {"lora": st.prune_lora, "ft_lora": ft_lora}, torch.Generator())  # values: loaded
     return model
 
 

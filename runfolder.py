@@ -53,26 +53,26 @@ def seed_all(seed: int):
     np.random.seed(seed)
 
 
-def rng_state() -> dict:
+def rng_state(generator: torch.Generator | None) -> dict:
+    """Key "torch": the run's generator (nuteprune.Parts.rng; before it existed, torch's default CPU generator, which
+    then drew the same stream). No CUDA state: nothing draws on a GPU, so a run resumes on any number of them."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()  # plain types: the checkpoint loads with weights_only
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate(), "numpy": (keys.tolist(), pos, has_gauss, gauss)}
+    return {"torch": (generator or torch.default_generator).get_state(), "cuda": [], "python": random.getstate(),
+            "numpy": (keys.tolist(), pos, has_gauss, gauss)}
 
 
-def set_rng_state(s: dict):
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def set_rng_state(s: dict, generator: torch.Generator | None):
+    (generator or torch.default_generator).set_state(s["torch"])  # older checkpoints' "cuda" states are ignored: nothing draws from them now
     random.setstate(s["python"])
     keys, pos, has_gauss, gauss = s["numpy"]
     np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
 def save_state(out: Path, parts, st):
-    """The checkpoint of a run: `parts` (a nuteprune.Parts: model, gates, optimizer, scaler, config) and `st` (its
+    """The checkpoint of a run: `parts` (a nuteprune.Parts: model, gates, optimizers, scaler, config) and `st` (its
     nuteprune.RunState). Every rank calls it (sharded tensors are gathered); rank 0 writes the single-process layout."""
     current = distributed.cpu_lora(parts.model)
-    optimizer = distributed.full_optimizer_state(parts.optimizer) if st.phase != "done" else None
+    optimizer = distributed.full_optimizer_state(parts.optimizers) if st.phase != "done" else None
     if distributed.rank_id() != 0:
         return
     state = {
@@ -83,7 +83,7 @@ def save_state(out: Path, parts, st):
         "lora": current if st.phase == "prune" else st.prune_lora,
         "ft_lora": current if st.phase != "prune" and parts.c.ft_data else None,
         "snapshots": [snapshot_record(s) for s in st.snapshots],
-        "final_masks": masks_record(st.final), "rng": rng_state(), "ppl_before": st.ppl_before,
+        "final_masks": masks_record(st.final), "rng": rng_state(parts.rng), "ppl_before": st.ppl_before,
         "wall": st.elapsed(), "fit": st.fit, "resumes": st.resumes,
         "skipped": [st.skipped, st.skipped_in_a_row]}
     # atomic: a kill leaves the previous checkpoint or the new one, never half
@@ -110,12 +110,13 @@ def load_state(out) -> dict:
 
 
 def load_parts(parts, saved: dict):
-    """A checkpoint's gates, optimizer and scaler state into `parts` (LoRA is attached with the model)."""
+    """A checkpoint's gates, optimizer and scaler states into `parts` (LoRA is attached with the model)."""
     parts.gates.load_state_dict(saved["gates"])
     if saved["optimizer"] is not None:
-        distributed.load_optimizer_state(parts.optimizer, saved["optimizer"])
+        distributed.load_optimizer_state(parts.optimizers, saved["optimizer"])
     if saved["scaler"] is not None:
         parts.scaler.load_state_dict(saved["scaler"])
+    set_rng_state(saved["rng"], parts.rng)
 
 
 def resume_changes(saved: dict, c) -> dict:
@@ -195,15 +196,14 @@ def out_lock(out: Path):
 
 @contextmanager
 def open_run(out: Path, st, saved: dict | None, start: str, c):
-    """OUT made ready for the run: locked, stop signals caught, and either the saved run's RNG restored and its log cut
-    back to its checkpoint (resume) or an earlier run removed (overwrite). Yields (log file, Checkpointer). Under
+    """OUT made ready for the run: locked, stop signals caught, and either the saved run's log cut back to its
+    checkpoint (resume) or an earlier run removed (overwrite). Yields (log file, Checkpointer). Under
     torchrun only rank 0 touches OUT; the other ranks log to /dev/null."""
     main = distributed.rank_id() == 0
     if main:
         out.mkdir(parents=True, exist_ok=True)  # only now: a failed start leaves no folder behind
     with out_lock(out) if main else nullcontext(), StopSignals() as signals:
         if saved is not None:
-            set_rng_state(saved["rng"])
             st.resumes.append({"step": st.step, "ft_step": st.ft_step, "changed": resume_changes(saved, c)})
             if main:
                 truncate_log(out / "log.jsonl", st.step, st.ft_step)

@@ -40,9 +40,9 @@ def sharded_setup(cfg, n_snapshots: int) -> tc.Setup:
     if distributed.world_size() > 1:
         distributed.shard_model(s.parts.model, torch.device("cpu"))
         lora = list(llama.lora_state(s.parts.model).values())
-        optimizer = npr.prune_optimizer(s.parts.gates, lora)
-        npr.set_learning_rates(optimizer, {"log_alpha": 0.1, "lambda": 0.1, "lora": 1e-3})
-        s.parts = npr.replace(s.parts, optimizer=optimizer)
+        optimizers = npr.prune_optimizer(s.parts.gates, lora)
+        npr.set_learning_rates(optimizers, {"log_alpha": 0.1, "lambda": 0.1, "lora": 1e-3})
+        s.parts = npr.replace(s.parts, optimizers=optimizers)
     return s
 
 

@@ -105,8 +105,8 @@ def build(cfg: llama.LlamaConfig, device: str, dtype, n_snapshots: int, grad_ckp
     model.gradient_checkpointing = grad_ckpt
     model.train()
     gates = npr.Gates(cfg).to(device)
-    optimizer = npr.prune_optimizer(gates, list(llama.lora_state(model).values()))
-    npr.set_learning_rates(optimizer, {"log_alpha": 0.1, "lambda": 0.1, "lora": 1e-3})
+    optimizers = npr.prune_optimizer(gates, list(llama.lora_state(model).values()))
+    npr.set_learning_rates(optimizers, {"log_alpha": 0.1, "lambda": 0.1, "lora": 1e-3})
     snapshots = []
     for level in range(1, n_snapshots + 1):  # what the run stores at each interval crossed (METHOD.md §6), all distinct copies
         masks = gates.deterministic()
@@ -116,7 +116,7 @@ def build(cfg: llama.LlamaConfig, device: str, dtype, n_snapshots: int, grad_ckp
     autocast = (lambda: torch.autocast("cuda", dtype=dtype)) if cuda and dtype != torch.float32 else nullcontext
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and dtype == torch.float16)
     config = npr.RunConfig(ckpt="bench", target=TARGET, data="bench", micro_batch_size=10 ** 6)  # one forward a step
-    return Setup(npr.Parts(model, gates, optimizer, scaler, config, autocast), snapshots, device)
+    return Setup(npr.Parts(model, gates, optimizers, scaler, config, autocast), snapshots, device)
 
 
 def snapshot_bytes(s: npr.Snapshot) -> int:

@@ -9,15 +9,16 @@ import sys
 import pytest
 import torch
 
+import distributed
+import llama
 import nuteprune as npr
 from conftest import ROOT, args, ft
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
 
-def torchrun(argv, **kw):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "nuteprune.py"), *argv]
+def torchrun(argv, script=ROOT / "nuteprune.py", **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), *argv]
     return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, **kw)
 
 
@@ -53,6 +54,35 @@ def assert_same_run(a, b, atol=1e-5):
     assert a["stage2_start"] == b["stage2_start"]
 
 
+class Reached(Exception):
+    pass
+
+
+def test_every_collective_gets_its_tensor_on_the_backends_device(monkeypatch):
+    """Under NCCL a CPU tensor cannot be all-reduced: every collective of distributed.py must hand the backend a tensor
+    on backend_device(). No GPU here: the backend is faked and "meta" stands for the GPU."""
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert distributed.backend_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(distributed, "backend_device", lambda: torch.device("meta"))
+    seen = []
+
+    def all_reduce(t, op=None):
+        seen.append(t.device)
+        raise Reached  # meta holds no data to copy back; where the tensor went is what is checked
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    calls = [lambda: distributed.average_values({"kd": 1.0, "layer": 2.0}),  # the step's loss terms (CPU floats)
+             lambda: distributed.max_over_ranks(1), lambda: distributed.all_ranks(True),
+             lambda: distributed.average_over_ranks([torch.ones(2)])]
+    for call in calls:
+        with pytest.raises(Reached):
+            call()
+    assert seen == [torch.device("meta")] * len(calls)
+
+
 def test_two_ranks_equal_one_process(files, tmp_path):
     flags = ("--max-steps", "16", *ft(files))  # pruning, then post fine-tuning (the model is rebuilt and re-sharded)
     npr.main(args(files, tmp_path / "one", *flags))
@@ -65,7 +95,67 @@ def test_two_ranks_equal_one_process(files, tmp_path):
     ra, rb = (json.loads((tmp_path / x / "report.json").read_text()) for x in ("one", "two"))
     assert ra["sparsity"] == rb["sparsity"] and ra["layers"] == rb["layers"]
     assert rb["ppl_after"] == pytest.approx(ra["ppl_after"], rel=1e-4)
+    ft_loss = [[json.loads(ln)["loss"] for ln in (tmp_path / x / "log.jsonl").read_text().splitlines()
+                if '"finetune"' in ln] for x in ("one", "two")]
+    assert len(ft_loss[0]) == 2 and ft_loss[1] == pytest.approx(ft_loss[0], rel=1e-6, abs=0)  # the batch's token mean
     assert out.count("of prunable weights") == 1  # the summary (and the export) come from rank 0 alone
+
+
+def test_sampled_masks_are_the_same_in_one_process_on_two_ranks_and_resumed_on_the_other_world_size(
+        files, tmp_path, monkeypatch):
+    """The mask noise comes from the run's CPU generator (seeded with --seed, saved in state.pt), never from a
+    device's: the masks sampled at each of the first 8 steps are identical in one process, on both ranks of a
+    two-rank run, and in a one-process run stopped after step 4 and resumed on two ranks (to the float rounding of
+    log_alpha, which two ranks average in another order: z is a function of the noise and log_alpha)."""
+    import trace_masks
+    flags = ("--max-steps", "8", "--save-every", "4")
+    one, stopped = [], []
+    monkeypatch.setattr(npr.Gates, "sample", trace_masks.recorder(one))
+    npr.main(args(files, tmp_path / "one", *flags))
+    assert len(one) == 8
+
+    class Killed(Exception):
+        pass
+    record = trace_masks.recorder(stopped)
+
+    def killed_at_step_5(self, generator=None):
+        if len(stopped) == 4:  # step 4's checkpoint is written
+            raise Killed
+        return record(self, generator)
+    monkeypatch.setattr(npr.Gates, "sample", killed_at_step_5)
+    with pytest.raises(Killed):
+        npr.main(args(files, tmp_path / "resumed", *flags))
+    for name, argv in (("two", args(files, tmp_path / "two", *flags)), ("resumed", ["--resume", str(tmp_path / "resumed")])):
+        (tmp_path / f"trace-{name}").mkdir()
+        p = torchrun([str(tmp_path / f"trace-{name}"), *argv], script=ROOT / "tests" / "trace_masks.py",
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out
+    runs = {}
+    for r in (0, 1):
+        runs[f"two, rank {r}"] = torch.load(tmp_path / "trace-two" / f"rank{r}.pt")
+        runs[f"resumed on two, rank {r}"] = stopped + torch.load(tmp_path / "trace-resumed" / f"rank{r}.pt")
+    for name in ("two", "resumed on two"):  # the ranks of one run: bit for bit
+        assert all(torch.equal(x, y) for a, b in zip(runs[f"{name}, rank 0"], runs[f"{name}, rank 1"])
+                   for x, y in zip(a, b)), name
+    for name, masks in runs.items():  # and one process's, to the float rounding of log_alpha (the noise is equal)
+        assert len(masks) == 8, name
+        for step, (a, b) in enumerate(zip(one, masks)):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, atol=1e-5, rtol=0, msg=f"{name}: step {step + 1}")
+
+
+def test_lora_and_mask_noise_are_drawn_on_the_cpu_whatever_the_device():
+    """One GPU and N GPUs once differed from step 0 (LoRA drawn on the CUDA generator in one case, the CPU's in the
+    other). Now both come from a CPU generator, then move: a meta base (no GPU here) draws exactly what a CPU one
+    does."""
+    lora = [llama.LoRALinear(torch.nn.Linear(8, 4, bias=False, device=d), 2, 2.0, torch.Generator().manual_seed(0))
+            for d in ("cpu", "meta")]
+    assert torch.equal(lora[0].lora_a, lora[1].lora_a)  # the meta base keeps its LoRA's values on the CPU
+    gens = [torch.Generator().manual_seed(1) for _ in range(2)]
+    gates = [npr.HardConcrete((3, 5), 1.0, generator=g) for g in gens]
+    z = gates[0].sample(gens[0]), gates[1].to("meta").sample(gens[1])
+    assert z[1].is_meta and torch.equal(gens[0].get_state(), gens[1].get_state())  # drawn on the CPU, then moved
 
 
 def test_killed_two_rank_run_resumes_in_one_process(files, tmp_path):
@@ -99,3 +189,20 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(files, tmp_pat
     assert 6 <= state["step"] < 300 and not (tmp_path / "run" / "report.json").exists()
     npr.main(["--resume", str(tmp_path / "run"), "--max-steps", str(state["step"] + 2)])
     assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == state["step"] + 2
+
+
+def test_fp16_two_ranks_equal_one_process(files, tmp_path):
+    """fp16 under FSDP: the GradScaler unscales the gates' (plain) and LoRA's (DTensor) gradients in separate
+    optimizers (one optimizer holding both crashed at the first step), and two ranks compute what one process does:
+    the same masks, snapshots and scaler. The values agree to fp16's resolution, not fp32's: the CPU's matmul differs
+    by one ulp between FSDP's gathered weights and plain tensors (also in fp32, where that is 6e-8), an fp16 ulp is
+    5e-4, and --lr-mask 1 with Adam's normalised steps carries it into log_alpha."""
+    flags = ("--max-steps", "16", "--dtype", "fp16")
+    npr.main(args(files, tmp_path / "one", *flags))
+    p = torchrun(args(files, tmp_path / "two", *flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    a, b = load(tmp_path / "one"), load(tmp_path / "two")
+    assert a["scaler"] is not None and a["scaler"] == b["scaler"]
+    assert a["stage2_start"] is not None
+    assert_same_run(a, b, atol=5e-3)

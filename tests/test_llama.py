@@ -180,6 +180,32 @@ def test_export_equals_masked_model(tmp_path, cfg, soft):
     assert llama.count_params(pruned) == llama.count_params(new_cfg)
 
 
+def test_sharded_export_loads_in_transformers_and_here_with_the_unsharded_exports_logits(tmp_path):
+    """export_pruned streams layer by layer into shards of at most shard_bytes (tiny here; 5 GB by default) and the
+    index, as transformers writes them; a second export into the same folder leaves no stale shard."""
+    import json
+    transformers = pytest.importorskip("transformers")
+    model = tiny(**GQA).to(torch.bfloat16)
+    masks = random_masks(model.config)
+    checkpoint.export_pruned(model, masks, tmp_path / "one")
+    checkpoint.export_pruned(model, masks, tmp_path / "sharded", shard_bytes=4000)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    assert not (tmp_path / "sharded" / "model.safetensors").exists() and not list((tmp_path / "sharded").glob(".*"))
+    assert all(p.stat().st_size <= 4000 + 1000 for p in (tmp_path / "sharded").glob("model-*"))  # + header
+    idx = torch.randint(0, 64, (2, 15))
+    with torch.no_grad():
+        ours = [checkpoint.load_model(tmp_path / d, dtype=torch.bfloat16)(idx) for d in ("one", "sharded")]
+        hf = [transformers.AutoModelForCausalLM.from_pretrained(tmp_path / d, trust_remote_code=True,
+                                                                 dtype=torch.bfloat16).eval()(idx).logits
+              for d in ("one", "sharded")]
+    assert torch.equal(ours[0], ours[1]) and torch.equal(hf[0], hf[1])
+    assert next(iter(checkpoint._hf_state(tmp_path / "sharded").values())).dtype == torch.bfloat16  # the base dtype
+    checkpoint.export_pruned(model, masks, tmp_path / "sharded")  # again, unsharded: the shards and index go
+    assert sorted(p.name for p in (tmp_path / "sharded").glob("model*.safetensors*")) == ["model.safetensors"]
+
+
 def test_pruned_model_generates(tmp_path):
     model = tiny(**GQA)
     masks = random_masks(model.config)

@@ -145,7 +145,7 @@ def test_final_masks_keep_the_reference_rule_when_it_is_on_target():
 def test_one_ascent_step_moves_lambda_1_with_the_sign_of_expected_minus_target(offset):
     cfg = llama.LlamaConfig(**GQA)
     gates = npr.Gates(cfg)
-    optimizer = npr.prune_optimizer(gates, [])
+    [optimizer] = npr.prune_optimizer(gates, [])
     expected = npr.expected_sparsity(gates.prob_nonzero(), cfg)
     target = expected.item() - offset  # expected - target = offset
     npr.lagrangian(expected, target, gates.lambda_1, gates.lambda_2).backward()
@@ -254,3 +254,33 @@ def test_layer_loss_ignores_pruned_hidden_dims():
     student[..., :3] = 0  # pruned hidden dims: whatever the teacher has there carries no loss
     expected = ((student - teacher)[..., 3:] ** 2).mean()
     torch.testing.assert_close(npr.layer_loss([student, student], [teacher, teacher]), 2 * expected)
+
+
+# -- post fine-tuning loss (METHOD.md §7) ---------------------------------------------------------------------------
+
+
+def test_finetune_loss_is_the_mean_over_the_batchs_labelled_tokens_whatever_the_micro_batch():
+    gen = torch.Generator().manual_seed(0)
+    batch = []
+    for n, prompt in ((9, 3), (14, 6), (5, 2), (11, 8)):  # uneven lengths and prompts: micro-batch means would differ
+        ids = torch.randint(3, 64, (n,), generator=gen).tolist()
+        batch.append((ids, [-100] * prompt + ids[prompt:]))
+    results = []
+    for micro in (1, 2, 4):
+        model = llama.add_lora(tiny_llama(0, **GQA), ("q_proj", "v_proj", "down_proj"))
+        gates = npr.Gates(model.config)
+        c = npr.RunConfig(ckpt="x", data="x", target=0.5, micro_batch_size=micro)
+        parts = npr.Parts(model, gates, npr.finetune_optimizer(list(llama.lora_state(model).values())),
+                          torch.amp.GradScaler("cpu", enabled=False), c)
+        with torch.no_grad():
+            for p in llama.lora_state(model).values():
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))  # B != 0: LoRA in the graph
+        loss = npr.finetune_backward(parts, batch, Masks(), pad_id=0)
+        results.append((loss, [p.grad.clone() for p in llama.lora_state(model).values()]))
+    ids, labels = npr.data.pad_batch(batch, 0)
+    with torch.no_grad():
+        expected = npr.lm_loss(model(ids), labels).item()  # one mean over every labelled token of the batch
+    for loss, grads in results:
+        assert loss == pytest.approx(expected, rel=1e-6, abs=0)
+        for g, g1 in zip(grads, results[0][1]):
+            torch.testing.assert_close(g, g1, atol=1e-6, rtol=1e-5)

@@ -61,13 +61,13 @@ def test_fp16_scaler_skips_a_step_with_an_inf_and_lowers_its_scale(monkeypatch):
     batch = torch.randint(0, 64, (4, 16))
     assert npr.prune_step(t, batch, None, 0.1)["stepped"]  # a normal step moves everything
     before, scale = params(t), t.scaler.get_scale()
-    opt_state = {k: v.clone() for k, v in t.optimizer.state[t.gates.lambda_1].items()}
+    opt_state = {k: v.clone() for k, v in t.optimizers[0].state[t.gates.lambda_1].items()}
     kd = npr.kd_loss
     monkeypatch.setattr(npr, "kd_loss", lambda s, tt, temp: kd(s, tt, temp) * float("inf"))
     out = npr.prune_step(t, batch, None, 0.1)
     assert not out["stepped"]
     assert all(torch.equal(v, before[k]) for k, v in params(t).items())  # no parameter or lambda changed
-    assert all(torch.equal(v, opt_state[k]) for k, v in t.optimizer.state[t.gates.lambda_1].items())
+    assert all(torch.equal(v, opt_state[k]) for k, v in t.optimizers[0].state[t.gates.lambda_1].items())
     assert t.scaler.get_scale() == scale / 2  # GradScaler's backoff
     monkeypatch.undo()
     assert npr.prune_step(t, batch, None, 0.1)["stepped"]
