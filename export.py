@@ -401,13 +401,20 @@ def quant_fallbacks(path, ftype: str) -> list[dict]:
     return found
 
 
-def format_fallbacks(found: list[dict], ftype: str) -> str:
+def format_fallbacks(found: list[dict], ftype: str, each: int = 12) -> str:
+    """One line per tensor (more than `each`: one per type and row length, with a count and the first tensor)."""
     if not found:
         return f"llama.cpp quantised every weight matrix as {ftype} asks"
+    why = lambda f: (f"row {f['row']} not a multiple of {f['block']}" if f["block"]  # noqa: E731
+                     else f"row {f['row']}: llama.cpp's choice")
     lines = [f"llama.cpp fell back on {len(found)} weight matrices (asked {ftype}: {', '.join(MIXTURES[ftype])}):"]
+    if len(found) <= each:
+        return "\n".join(lines + [f"  {f['tensor']:<28} {f['type']:<5} {why(f)}" for f in found])
+    groups = {}
     for f in found:
-        why = f"row {f['row']} not a multiple of {f['block']}" if f["block"] else f"row {f['row']}: llama.cpp's choice"
-        lines.append(f"  {f['tensor']:<28} {f['type']:<5} {why}")
+        groups.setdefault((f["type"], f["row"], f["block"]), []).append(f["tensor"])
+    for (kind, row, block), names in groups.items():
+        lines.append(f"  {len(names):4} x {kind:<5} {why({'row': row, 'block': block})} (e.g. {names[0]})")
     return "\n".join(lines)
 
 # -----------------------------------------------------------------------------
