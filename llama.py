@@ -243,9 +243,11 @@ class Attention(nn.Module):
             cache[0][:, :, start_pos:start_pos + T] = k
             cache[1][:, :, start_pos:start_pos + T] = v
             k, v = cache[0][:, :, :start_pos + T], cache[1][:, :, :start_pos + T]
-        # In place when nothing is trained (decode, teachers, evaluation): the same forward bits, no copy. With
-        # gradients a grouped layer still gathers: the kernel sums a group's K/V gradients in another order.
-        in_place = self.even_groups and (self.n_kv == self.n_heads or not torch.is_grad_enabled())
+        # MHA reads in place always. A grouped layer does when nothing is trained (decode, teachers, evaluation) on
+        # the CPU, whose kernel gives the gather's forward bits: with gradients the kernel sums a group's K/V
+        # gradients in another order, and on CUDA enable_gqa rules out the memory-efficient kernel (fp32: untested).
+        in_place = self.even_groups and (self.n_kv == self.n_heads or not torch.is_grad_enabled()
+                                         and x.device.type == "cpu")
         if not in_place:  # each query head reads its own K/V head (uneven groups after export)
             idx = self.kv_index(x.device)
             k, v = k.index_select(1, idx), v.index_select(1, idx)  # (B, H, S, Dh)
