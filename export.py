@@ -1,10 +1,15 @@
 """Export a model for other runtimes: GGUF for llama.cpp (and llama-cpp-python), or a Hugging Face folder.
 
-    python export.py OUT/pruned --gguf model.gguf [--type f32|f16|q8_0] [--tokenizer tokenizer.model]
+    python export.py OUT/pruned --gguf model.gguf [--type f32|f16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k] [--pad]
     python export.py CKPT --hf DIR         # what export_pruned writes: transformers loads it (remote code if pruned)
 
 The input is anything llama.py reads (a pruned `OUT/pruned/`, an HF, Meta or llama2.c checkpoint); `gguf` (the
-official writer package, `pip install gguf`) is needed only for --gguf.
+official writer package, `pip install gguf`) is needed only for --gguf. Quantised types are llama.cpp's own: an f16
+GGUF is written first, then llama.cpp's quantizer (llama-cpp-python's `llama_model_quantize`, or the `llama-quantize`
+binary) makes the file, and the export lists every weight matrix that got another type than the one asked: llama.cpp
+quantises a matrix only when its rows are whole blocks (32 values for Q4_0 / Q8_0, 256 for the K-quants) and
+otherwise falls back (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, F16 when not even 32 divides). Widths that avoid
+this: nuteprune.py --round-to N, or --pad here.
 
 llama.cpp runs a pruned model through its `deci` architecture (Nemotron-NAS), the one that reads per-layer head counts,
 K/V head counts and FFN widths. It cannot express everything our export produces, so the exporter pads, exactly
@@ -15,12 +20,18 @@ K/V head counts and FFN widths. It cannot express everything our export produces
 - layer 0 must have a head (llama.cpp reads the head size from it): a zero-output head when it has none;
 - a layer whose FFN is skipped (width 0) also drops its attention output, and in the last layer the selection of
   the output rows: width 1 with zero weights there.
-A model whose padded layers all have the same sizes is written as the plain `llama` architecture.
+With --pad, FFN widths and attention outputs (query heads x Dh) are padded up to whole blocks of the type the same
+way (zero channels, zero-output heads). A model whose padded layers all have the same sizes is written as the plain
+`llama` architecture.
 """
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -43,14 +54,14 @@ class LayerPlan:
     added: int  # parameters the padding adds
 
 
-def plan_layer(cfg: llama.LlamaConfig, i: int) -> LayerPlan:
+def plan_layer(cfg: llama.LlamaConfig, i: int, pad: int = 1) -> LayerPlan:
     D, dh, kv_map, f = cfg.dim, cfg.head_dim, cfg.kv_map[i], cfg.ffn[i]
     head_cost = 2 * dh * D  # one query head: q rows + o columns; one K/V head: k rows + v rows
     groups = {}  # our K/V head -> its query heads, in order
     for q, k in enumerate(kv_map):
         groups.setdefault(k, []).append(q)
     if not kv_map:  # no attention; layer 0 still needs one head
-        q_src, kv_src = ([None], [None]) if i == 0 else ([], [])
+        q_src, kv_src = ([None] * _padded_group(1, 1, dh, pad), [None]) if i == 0 else ([], [])
     else:
         # group size g for every K/V head: a group of n queries becomes ceil(n / g) copies of its K/V head, each
         # with g query heads (zero-output ones filling the last). g = max pads only, g = 1 duplicates only.
@@ -59,21 +70,29 @@ def plan_layer(cfg: llama.LlamaConfig, i: int) -> LayerPlan:
             return kv * g + kv  # query heads + K/V heads, in units of head_cost
 
         g = min(range(max(map(len, groups.values())), 0, -1), key=size)  # fewest added; ties: the larger g
+        width = _padded_group(g, sum(math.ceil(len(qs) / g) for qs in groups.values()), dh, pad)
         q_src, kv_src = [], []
         for k in sorted(groups):
             qs = groups[k]
             for start in range(0, len(qs), g):
                 chunk = qs[start:start + g]
-                q_src += chunk + [None] * (g - len(chunk))
+                q_src += chunk + [None] * (width - len(chunk))
                 kv_src.append(k)
     last = i == cfg.n_layers - 1
     ffn = 1 if f == 0 and (q_src or last) else f
+    ffn = -(-ffn // pad) * pad  # --pad: zero channels up to whole blocks
     added = (len(q_src) - cfg.heads[i] + len(kv_src) - cfg.kv_heads[i]) * head_cost + (ffn - f) * 3 * D
     return LayerPlan(q_src, kv_src, ffn, added)
 
 
-def plan_gguf(cfg: llama.LlamaConfig) -> list[LayerPlan]:
-    return [plan_layer(cfg, i) for i in range(cfg.n_layers)]
+def _padded_group(g: int, n_kv: int, dh: int, pad: int) -> int:
+    """Query heads per K/V head so that attn_output's rows (n_kv * g' * Dh long) are whole blocks of pad."""
+    step = pad // math.gcd(pad, n_kv * dh)
+    return -(-g // step) * step
+
+
+def plan_gguf(cfg: llama.LlamaConfig, pad: int = 1) -> list[LayerPlan]:
+    return [plan_layer(cfg, i, pad) for i in range(cfg.n_layers)]
 
 
 def padding_report(cfg: llama.LlamaConfig, plans: list[LayerPlan]) -> dict:
@@ -166,11 +185,19 @@ def _rope(w, cfg: llama.LlamaConfig) -> torch.Tensor | None:
     return None
 
 
-FILE_TYPES = ("f32", "f16", "q8_0")
+# Quantised types, made by llama.cpp's own quantizer from an f16 GGUF: the llama_ftype of each (llama.h), the tensor
+# types its mixture gives weight matrices whose rows are whole blocks (q4_0 and the K mixtures put output.weight, and
+# in the K mixtures attn_v / ffn_down of some layers, at Q6_K), and the block --pad pads to.
+QUANT_TYPES = {"q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+MIXTURES = {"q8_0": ("Q8_0",), "q4_0": ("Q4_0", "Q6_K"), "q4_k_m": ("Q4_K", "Q5_K", "Q6_K"),
+            "q5_k_m": ("Q5_K", "Q6_K"), "q6_k": ("Q6_K",)}
+PAD_BLOCK = {"f32": 1, "f16": 1, "q8_0": 32, "q4_0": 32, "q4_k_m": 256, "q5_k_m": 256, "q6_k": 256}
+FILE_TYPES = ("f32", "f16", *QUANT_TYPES)
 
 
 def _encode(t: torch.Tensor, ftype: str):
-    """(array, raw_dtype) for the writer: 1-D tensors stay f32; q8_0 needs rows that are whole blocks of 32."""
+    """(array, raw_dtype) for the writer: 1-D tensors stay f32; q8_0 (the gguf package's, used only without llama.cpp)
+    needs rows that are whole blocks of 32."""
     import gguf
     a = t.contiguous().numpy()
     if t.dim() == 1 or ftype == "f32":
@@ -272,32 +299,123 @@ def _write_file(w, path) -> None:
     w.close()
 
 
-def write_gguf(ckpt, out_path, ftype: str = "f32", tokenizer=None) -> dict:
-    """Write a GGUF file of the checkpoint; returns the padding report (also printed)."""
+def write_gguf(ckpt, out_path, ftype: str = "f32", tokenizer=None, pad: int = 1, threads: int = 0) -> dict:
+    """Write a GGUF file of the checkpoint; returns the padding report (also printed), with `fallbacks` for a quantised
+    type. Quantised types: an f16 GGUF first (a temporary file beside out_path), then llama.cpp's quantizer (only q8_0
+    has a fallback without llama.cpp: the gguf package's Q8_0). pad: FFN widths and attention outputs padded up to
+multiples of it (--pad: the type's block, PAD_BLOCK)."""
     try:
         import gguf
     except ImportError:
         raise ValueError("writing GGUF needs the gguf package: pip install gguf") from None
     out_path = _check_output(out_path, ftype)
+    how = quantizer() if ftype in QUANT_TYPES else None
+    if ftype in QUANT_TYPES and how is None and ftype != "q8_0":
+        raise ValueError(f"--type {ftype} needs llama.cpp's quantizer: pip install llama-cpp-python (or put "
+                         f"llama-quantize on PATH)")
     cfg, state, tok = _checkpoint_and_tokenizer(ckpt, tokenizer)
-    plans = plan_gguf(cfg)
+    plans = plan_gguf(cfg, max(pad, 1))
     report = padding_report(cfg, plans)
     arch, counts = _layer_counts(plans)
+    written = "f16" if how else ftype
 
     w = gguf.GGUFWriter(None, arch, use_temp_file=True)  # tensor data waits on disk, not in memory
-    _add_hparams(w, Path(ckpt).resolve().name, cfg, ftype, counts)
+    _add_hparams(w, Path(ckpt).resolve().name, cfg, written, counts)
     rope_freqs = _rope(w, cfg)  # writes the RoPE keys; the tensor (Llama 3.1 scaling) leads the tensors
     _add_tokenizer(w, tok, cfg.vocab_size)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs.numpy())
     for name, t in gguf_tensors(cfg, state, plans):
-        a, raw = _encode(t, ftype)
+        a, raw = _encode(t, written)
         w.add_tensor(name, a, raw_dtype=raw)
 
-    checkpoint.atomic_write(out_path, lambda path: _write_file(w, path))  # a failed export leaves no half-written file
     print(format_report(report))
+    if how:
+        with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.") as tmp:
+            _write_file(w, Path(tmp) / "f16.gguf")
+            checkpoint.atomic_write(out_path, lambda path: llama_quantize(Path(tmp) / "f16.gguf", path, ftype,
+                                                                            threads))
+        report.update(type=ftype, quantizer=how, fallbacks=quant_fallbacks(out_path, ftype))
+        print(format_fallbacks(report["fallbacks"], ftype))
+    else:  # a failed export leaves no half-written file
+        checkpoint.atomic_write(out_path, lambda path: _write_file(w, path))
+        report.update(type=ftype, quantizer=None, fallbacks=[])
     print(f"wrote {out_path} ({arch}, {ftype}, {out_path.stat().st_size / 1e6:.2f} MB)")
     return report
+
+# -----------------------------------------------------------------------------
+# llama.cpp's quantizer, and what it did
+
+
+def quantizer() -> str | None:
+    """llama.cpp's quantizer on this machine: llama-cpp-python's binding, else the llama-quantize binary, else None."""
+    try:
+        import llama_cpp  # noqa: F401
+        return "llama_cpp"
+    except ImportError:
+        return "llama-quantize" if shutil.which("llama-quantize") else None
+
+
+def llama_quantize(src: Path, dst: Path, ftype: str, threads: int = 0) -> list[str]:
+    """src (an f16 GGUF) -> dst at ftype, by llama.cpp (threads 0: all cores); returns its log lines, which it would
+    otherwise print by the hundred."""
+    if quantizer() == "llama-quantize":
+        r = subprocess.run(["llama-quantize", str(src), str(dst), ftype.upper(), str(threads or os.cpu_count())],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise ValueError(f"llama-quantize failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        return (r.stdout + r.stderr).splitlines()
+    import ctypes
+    import llama_cpp
+    from llama_cpp import _logger  # llama-cpp-python's own log callback, restored after
+    lines = []
+    capture = llama_cpp.llama_log_callback(lambda level, text, user_data: lines.append(text.decode("utf-8", "replace")))
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = QUANT_TYPES[ftype], threads
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    log = "".join(lines).splitlines()
+    if rc != 0:
+        raise ValueError(f"llama.cpp's quantizer failed ({rc}): {log[-1:]}")
+    return log
+
+
+def quant_fallbacks(path, ftype: str) -> list[dict]:
+    """Every weight matrix of a quantised GGUF that is none of the types llama.cpp's mixture for ftype uses, read back
+    from the file: its name, type, row length and the block the row is not a multiple of. llama.cpp falls back when a
+    row is not whole blocks: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 (output.weight too), F16 when not even 32
+    divides."""
+    import gguf
+    mixture = [gguf.GGMLQuantizationType[t] for t in MIXTURES[ftype]]
+    blocks = sorted({gguf.GGML_QUANT_SIZES[t][0] for t in mixture})
+    found = []
+    for t in gguf.GGUFReader(path).tensors:
+        if t.tensor_type in mixture or (t.tensor_type == gguf.GGMLQuantizationType.F32 and len(t.shape) == 1):
+            continue  # as asked, or a norm (1-D tensors stay f32)
+        row = int(t.shape[0])  # GGUF's ne[0]: the row length
+        found.append({"tensor": t.name, "type": t.tensor_type.name, "row": row,
+                      "block": next((b for b in blocks if row % b), None)})
+    return found
+
+
+def format_fallbacks(found: list[dict], ftype: str, each: int = 12) -> str:
+    """One line per tensor (more than `each`: one per type and row length, with a count and the first tensor)."""
+    if not found:
+        return f"llama.cpp quantised every weight matrix as {ftype} asks"
+    why = lambda f: (f"row {f['row']} not a multiple of {f['block']}" if f["block"]  # noqa: E731
+                     else f"row {f['row']}: llama.cpp's choice")
+    lines = [f"llama.cpp fell back on {len(found)} weight matrices (asked {ftype}: {', '.join(MIXTURES[ftype])}):"]
+    if len(found) <= each:
+        return "\n".join(lines + [f"  {f['tensor']:<28} {f['type']:<5} {why(f)}" for f in found])
+    groups = {}
+    for f in found:
+        groups.setdefault((f["type"], f["row"], f["block"]), []).append(f["tensor"])
+    for (kind, row, block), names in groups.items():
+        lines.append(f"  {len(names):4} x {kind:<5} {why({'row': row, 'block': block})} (e.g. {names[0]})")
+    return "\n".join(lines)
 
 # -----------------------------------------------------------------------------
 
@@ -317,7 +435,13 @@ def main(argv=None) -> int:
     p = cli.Parser(description="Export a checkpoint (a pruned OUT/pruned/ included) for other runtimes.")
     p.add_argument("ckpt", help="model folder or file, any layout llama.py reads")
     p.add_argument("--gguf", metavar="FILE", help="write a GGUF file for llama.cpp")
-    p.add_argument("--type", default="f32", choices=FILE_TYPES, help="weight type of 2-D tensors")
+    p.add_argument("--type", default="f32", choices=FILE_TYPES,
+                   help="weight type of 2-D tensors; q8_0, q4_0, q4_k_m, q5_k_m, q6_k by llama.cpp's quantizer "
+                   "(llama-cpp-python or llama-quantize), which lists the tensors it had to give another type")
+    p.add_argument("--pad", action="store_true",
+                   help="pad FFN widths and attention outputs up to the type's block (32: q8_0/q4_0, 256: K-quants) "
+                   "with zero channels and zero-output heads: exact, at the cost of the padded weights")
+    p.add_argument("--threads", type=int, default=0, help="quantizer threads (0: all cores)")
     p.add_argument("--hf", metavar="DIR", help="write a Hugging Face folder (safetensors, config, tokenizer, code)")
     p.add_argument("--tokenizer", help="SentencePiece model (default: beside the checkpoint)")
     args = p.parse_args(argv)
@@ -327,7 +451,8 @@ def main(argv=None) -> int:
         if args.hf:
             write_hf(args.ckpt, args.hf, args.tokenizer)
         if args.gguf:
-            write_gguf(args.ckpt, args.gguf, args.type, args.tokenizer)
+            write_gguf(args.ckpt, args.gguf, args.type, args.tokenizer, PAD_BLOCK[args.type] if args.pad else 1,
+                       args.threads)
     except (ValueError, OSError) as e:  # OSError: an output path that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 2

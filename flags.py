@@ -57,6 +57,10 @@ def _run_flags(p: argparse.ArgumentParser, d: dict):
                    help="steps between held-out perplexities of the student's deterministic masks in log.jsonl; also "
                    "each snapshot teacher's (0: never)")
     g.add_argument("--tolerance", type=float, default=d["tolerance"], help="largest |final sparsity - target| accepted")
+    g.add_argument("--round-to", type=int, default=d["round_to"], metavar="N",
+                   help="final masks in hardware-friendly widths: per layer FFN channels in multiples of N and equal "
+                   "query heads per K/V head, the hidden width a multiple of N (32: Q4_0/Q8_0, 256: K-quants, 64/128: "
+                   "GPU kernels; 1: the paper's)")
     g.add_argument("--cache-dir", help="token cache (default: $NUTEPRUNE_CACHE or ~/.cache/nuteprune)")
 
 

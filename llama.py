@@ -223,6 +223,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, self.n_kv * self.dh, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.dh, cfg.dim, bias=False)
         self._kv_index = None
+        # Equal, contiguous groups (MHA, GQA, pruned layers with even groups, e.g. --round-to) can read each K/V head
+        # in place (SDPA's enable_gqa) instead of gathering a copy of the cache per query head (kv_index).
+        self.even_groups = self.n_kv > 0 and self.n_heads % self.n_kv == 0 and \
+            self.kv_map == [h // (self.n_heads // self.n_kv) for h in range(self.n_heads)]
 
     def kv_index(self, device) -> torch.Tensor:
         if self._kv_index is None or self._kv_index.device != device:
@@ -241,14 +245,21 @@ class Attention(nn.Module):
             cache[0][:, :, start_pos:start_pos + T] = k
             cache[1][:, :, start_pos:start_pos + T] = v
             k, v = cache[0][:, :, :start_pos + T], cache[1][:, :, :start_pos + T]
-        idx = self.kv_index(x.device)  # each query head reads its own K/V head (GQA, and uneven groups after export)
-        k, v = k.index_select(1, idx), v.index_select(1, idx)  # (B, H, S, Dh)
+        # MHA reads in place always. A grouped layer does when nothing is trained (decode, teachers, evaluation) on
+        # the CPU, whose kernel gives the gather's forward bits: with gradients the kernel sums a group's K/V
+        # gradients in another order, and on CUDA enable_gqa rules out the memory-efficient kernel (fp32: untested).
+        in_place = self.even_groups and (self.n_kv == self.n_heads or not torch.is_grad_enabled()
+                                         and x.device.type == "cpu")
+        if not in_place:  # each query head reads its own K/V head (uneven groups after export)
+            idx = self.kv_index(x.device)
+            k, v = k.index_select(1, idx), v.index_select(1, idx)  # (B, H, S, Dh)
+        gqa = in_place and self.n_kv < self.n_heads  # the kernel maps query head q to K/V head q // group
         if start_pos == 0 or T == 1:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:  # chunked prefill after a cached prefix: query t sees keys <= start_pos + t
             S = start_pos + T
             allowed = torch.arange(S, device=x.device)[None] <= torch.arange(start_pos, S, device=x.device)[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
         if z_head is not None:
             y = y * z_head.to(y.dtype)[None, :, None, None]  # head gate, before o_proj (Eq. 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.dh))

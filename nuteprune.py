@@ -143,11 +143,16 @@ def target_at(step: int, target: float, warmup_steps: int) -> float:
 
 
 @torch.no_grad()
-def final_masks(gates: Gates, cfg: llama.LlamaConfig, target: float, tol: float = 0.005) -> Masks:
+def final_masks(gates: Gates, cfg: llama.LlamaConfig, target: float, tol: float = 0.005, round_to: int = 1) -> Masks:
     """Deterministic masks whose exported sparsity lies within tol of the target (METHOD.md §2, "Final masks"): the
     reference rule's head and hidden masks, and the number of FFN channels solved for (sparsity is linear in it);
     only if the FFN alone cannot reach the target is one head (else one hidden unit) moved, and the number solved
-    again."""
+    again. round_to N > 1 (--round-to): the same in hardware-friendly units (rounded_masks); when no rounded widths
+    reach the target, the masks of N = 1 (rounding_unmet names what is not rounded)."""
+    if round_to > 1:
+        m = rounded_masks(gates, cfg, target, tol, round_to)
+        if m is not None:
+            return m
     m = gates.deterministic()
     for _ in range(cfg.n_layers * cfg.n_heads + cfg.dim):
         if abs(float(expected_sparsity(m, cfg)) - target) <= tol:
@@ -161,12 +166,14 @@ def final_masks(gates: Gates, cfg: llama.LlamaConfig, target: float, tol: float 
     return m
 
 
-def _fit_intermediate(gates: Gates, m: Masks, cfg: llama.LlamaConfig, target: float) -> Masks:
+def _fit_intermediate(gates: Gates, m: Masks, cfg: llama.LlamaConfig, target: float, round_to: int = 1) -> Masks:
     M, d_kept = llama.prunable_params(cfg), max(float(m.hidden.sum()), 1.0)
     no_ffn = Masks(m.head, torch.zeros_like(m.intermediate), m.hidden)
     attention = (1 - float(expected_sparsity(no_ffn, cfg))) * M / d_kept  # q, k, v, o weights per kept hidden unit
     n = min(max(round(((1 - target) * M / d_kept - attention) / 3), 0), m.intermediate.numel())
     score = gates.intermediate.log_alpha.detach().flatten() + 100.0 * m.intermediate.flatten()  # kept ones first
+    if round_to > 1:
+        return Masks(m.head, keep_blocks(score.view_as(m.intermediate), n, round_to), m.hidden)
     inter = torch.zeros_like(score)
     inter[score.argsort(descending=True, stable=True)[:n]] = 1.0
     return Masks(m.head, inter.view_as(m.intermediate), m.hidden)
@@ -181,6 +188,137 @@ def _move_one_unit(gates: Gates, m: Masks, prune: bool) -> Masks:
             mask.view(-1)[score.view(-1).argmin()] = 0.0 if prune else 1.0  # least (most) confident first
             return replace(m, **{name: mask})
     return m
+
+# --round-to N: widths that quantised kernels and llama.cpp take as they are. Per layer: FFN channels in blocks of N,
+# the same number of query heads on every surviving K/V head; the hidden width a multiple of N (or all of it). Units
+# are still ranked by log_alpha, the trained masks' units first; a row narrower than N stays unrounded (reported).
+
+
+def keep_blocks(score: torch.Tensor, n: int, N: int) -> torch.Tensor:
+    """0/1 masks (L, I) keeping about n units in blocks of N per row: a row's units by descending score, cut into
+    blocks (score: the block's mean, non-increasing along a row), and the best round(n / N) blocks of all rows."""
+    L, I = score.shape
+    N = N if I >= N else 1  # a row narrower than N: unit by unit
+    s, order = score.sort(dim=-1, descending=True, stable=True)
+    nb = I // N
+    blocks = s[:, :nb * N].reshape(L, nb, N).mean(-1).flatten()  # (L * nb,), row-major: ties keep a row's order
+    chosen = blocks.argsort(descending=True, stable=True)[:min(round(n / N), L * nb)]
+    counts = torch.bincount(chosen // nb, minlength=L) * N
+    keep = torch.zeros_like(score)
+    for row, k in enumerate(counts.tolist()):
+        keep[row, order[row, :k]] = 1.0
+    return keep
+
+
+def _widths(D: int, N: int) -> list[int]:
+    return sorted({*range(N, D + 1, N), D}) if D >= N else list(range(1, D + 1))  # allowed kept hidden widths
+
+
+def _keep_hidden(gates: Gates, hidden: torch.Tensor, width: int) -> torch.Tensor:
+    score = gates.hidden.log_alpha.detach() + 100.0 * hidden  # kept ones first
+    keep = torch.zeros_like(hidden)
+    keep[score.argsort(descending=True, stable=True)[:width]] = 1.0
+    return keep
+
+
+def _equal_groups(log_alpha: torch.Tensor, kept: torch.Tensor, G: int) -> torch.Tensor:
+    """One layer's query heads (H,) with the same number g on every surviving K/V head: of every (groups k, g), the
+    one that moves fewest heads from `kept` (then: closest in q, k, v, o weights, then more heads); each K/V head's g
+    best heads, the k groups whose g best have the largest mean score."""
+    score = (log_alpha + 100.0 * kept).view(-1, G)  # (Hkv, G), kept heads first
+    s, order = score.sort(dim=-1, descending=True, stable=True)
+    n_q, n_kv = int(kept.sum()), int((kept.view(-1, G).sum(-1) > 0).sum())
+    best, best_key = torch.zeros_like(kept), None
+    if n_q == 0:
+        return best
+    for g in range(1, G + 1):
+        groups = s[:, :g].mean(-1).argsort(descending=True, stable=True)
+        for k in range(1, len(groups) + 1):
+            cand = torch.zeros_like(score)
+            for grp in groups[:k].tolist():
+                cand[grp, order[grp, :g]] = 1.0
+            key = (int((cand.flatten() != kept).sum()), abs(k * g + k - n_q - n_kv), -k * g)
+            if best_key is None or key < best_key:
+                best, best_key = cand.flatten(), key
+    return best
+
+
+def rounded_start(gates: Gates, cfg: llama.LlamaConfig, N: int) -> Masks:
+    """The reference rule's masks, rounded: equal groups per layer, the hidden width the nearest allowed one, each
+    layer's FFN in blocks of N (as many channels in all as the rule keeps, to the nearest block)."""
+    m = gates.deterministic()
+    G = cfg.n_heads // cfg.n_kv_heads
+    head = torch.stack([_equal_groups(la, h, G) for la, h in zip(gates.head.log_alpha.detach(), m.head)])
+    kept = int(m.hidden.sum())
+    width = min(_widths(cfg.dim, N), key=lambda w: (abs(w - kept), -w))
+    score = gates.intermediate.log_alpha.detach() + 100.0 * m.intermediate
+    return Masks(head, keep_blocks(score, int(m.intermediate.sum()), N), _keep_hidden(gates, m.hidden, width))
+
+
+def rounded_masks(gates: Gates, cfg: llama.LlamaConfig, target: float, tol: float, N: int) -> Masks | None:
+    """final_masks in rounded units, or None when none reach the target. From the rounded reference rule the FFN
+    blocks are solved for; a block of N channels can be coarser than the tolerance (or the FFN all kept or all
+    pruned), so then whole K/V groups (after them hidden blocks) move, one way, the blocks solved again after each
+    move (a group shifts the FFN's share by a fraction of a block); then, from the start, the other way."""
+    def off(m):
+        return float(expected_sparsity(m, cfg)) - target
+
+    m = rounded_start(gates, cfg, N)
+    if abs(off(m)) <= tol:
+        return m
+    start = _fit_intermediate(gates, m, cfg, target, N)
+    for prune in (off(start) < 0, off(start) >= 0):
+        m = start
+        for _ in range(cfg.n_layers * cfg.n_heads + cfg.dim):
+            if abs(off(m)) <= tol:
+                return m
+            moved = _move_rounded_unit(gates, m, prune, cfg, N)
+            if moved is m:  # nothing left to move this way
+                break
+            m = _fit_intermediate(gates, moved, cfg, target, N)
+    return None
+
+
+def _move_rounded_unit(gates: Gates, m: Masks, prune: bool, cfg: llama.LlamaConfig, N: int) -> Masks:
+    """_move_one_unit in rounded units: one whole K/V group (its g query heads; g = all of the group's heads in a
+    layer without attention), else the hidden width to the next allowed one."""
+    G = cfg.n_heads // cfg.n_kv_heads
+    la, kept = gates.head.log_alpha.detach().view(cfg.n_layers, -1, G), m.head.view(cfg.n_layers, -1, G)
+    n = kept.sum(-1)  # (L, Hkv) query heads per K/V head
+    g = n.max(-1).values.long()
+    g = torch.where(g > 0, g, G)  # (L,) heads per surviving group
+    if prune:  # the surviving group whose kept heads are least confident
+        score = torch.where(n > 0, (la * kept).sum(-1) / n.clamp(min=1), torch.inf)
+    else:  # the pruned group whose g best heads are most confident
+        best = torch.stack([la[i].sort(-1, descending=True).values[:, :g[i]].mean(-1) for i in range(len(g))])
+        score = torch.where(n == 0, -best, torch.inf)
+    if torch.isfinite(score).any():
+        layer, grp = divmod(int(score.flatten().argmin()), score.shape[1])
+        head = m.head.clone().view(cfg.n_layers, -1, G)
+        head[layer, grp] = 0.0
+        if not prune:
+            head[layer, grp, la[layer, grp].argsort(descending=True, stable=True)[:g[layer]]] = 1.0
+        return replace(m, head=head.view_as(m.head))
+    widths, now = _widths(cfg.dim, N), int(m.hidden.sum())
+    nxt = [w for w in widths if w < now][-1:] if prune else [w for w in widths if w > now][:1]
+    return replace(m, hidden=_keep_hidden(gates, m.hidden, nxt[0])) if nxt else m
+
+
+def rounding_unmet(m: Masks, cfg: llama.LlamaConfig, N: int) -> list[str]:
+    """What of --round-to N the masks do not meet, one phrase each (empty: all met)."""
+    unmet = []
+    ffn = m.intermediate.sum(-1).long().tolist()
+    bad = [(i, f) for i, f in enumerate(ffn) if f % N]
+    if bad:
+        unmet.append(f"FFN widths not multiples of {N}: " + ", ".join(f"layer {i} {f}" for i, f in bad))
+    d = int(m.hidden.sum())
+    if d < cfg.dim and d % N:
+        unmet.append(f"hidden width {d} not a multiple of {N}")
+    per_group = m.head.view(cfg.n_layers, cfg.n_kv_heads, -1).sum(-1)
+    uneven = [i for i, row in enumerate(per_group) if len(set(row[row > 0].tolist())) > 1]
+    if uneven:
+        unmet.append("uneven query groups in layers " + ", ".join(map(str, uneven)))
+    return unmet
 
 # -----------------------------------------------------------------------------
 # losses (METHOD.md §5, Eq. 7-9)
@@ -302,6 +440,7 @@ class RunConfig:
     save_every: int = 500
     eval_every: int = 0  # 0: never; else held-out perplexity of the student's deterministic masks every N steps
     tolerance: float = 0.005
+    round_to: int = 1  # --round-to N: hardware-friendly widths in the final masks (1: the paper's)
     cache_dir: str | None = None
     n_docs: int = 20000
     block_size: int = 512
@@ -339,7 +478,7 @@ class RunConfig:
         if not 0 < self.interval < self.target or self.gap < self.interval:
             raise ValueError(f"need 0 < --interval < --target and --gap >= --interval, got {self.interval}, {self.gap}")
         for name in ("epochs", "batch_size", "micro_batch_size", "log_every", "save_every", "ft_batch_size",
-                     "block_size", "n_docs", "ft_epochs", "ft_max_len", "lora_rank"):
+                     "block_size", "n_docs", "ft_epochs", "ft_max_len", "lora_rank", "round_to"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("max_steps", "ft_max_steps"):
@@ -598,12 +737,16 @@ def student_ppl(parts: Parts, heldout: torch.Tensor, masks: Masks) -> float:
     return ppl
 
 
-def end_pruning(parts: Parts, st: RunState) -> Parts:
-    """Final deterministic masks within tolerance of the target (METHOD.md §2); with post fine-tuning, its LoRA and
-    optimizer."""
+def end_pruning(parts: Parts, st: RunState, heldout: torch.Tensor | None = None) -> Parts:
+    """Final deterministic masks within tolerance of the target (METHOD.md §2), rounded with --round-to (and what
+    that cost); with post fine-tuning, its LoRA and optimizer."""
     c = parts.c
-    st.final = final_masks(parts.gates, parts.model.config, c.target, c.tolerance)
+    st.final = final_masks(parts.gates, parts.model.config, c.target, c.tolerance, c.round_to)
     st.fit = mask_fit(parts.gates, st.final, parts.model.config, c)
+    if c.round_to > 1:
+        st.fit["rounding"] = rounding_report(parts, st.final, heldout)
+        if st.fit["rounding"]["warning"] and distributed.rank_id() == 0:
+            print(f"warning: {st.fit['rounding']['warning']}", flush=True)
     st.prune_lora = distributed.cpu_lora(parts.model)
     st.phase = "finetune" if c.ft_data else "done"
     if c.ft_data:
@@ -614,6 +757,27 @@ def end_pruning(parts: Parts, st: RunState) -> Parts:
             distributed.shard_model(parts.model, parts.gates.lambda_1.device)
         parts = replace(parts, optimizers=finetune_optimizer(parts.lora_weights))
     return parts
+
+
+def rounding_report(parts: Parts, final: Masks, heldout: torch.Tensor | None) -> dict:
+    """What --round-to N cost, against the final masks of N = 1 from the same trained gates: units moved per group,
+    sparsity and held-out perplexity of both; and a warning naming what of N the final masks do not meet."""
+    c, cfg, gates = parts.c, parts.model.config, parts.gates
+    plain = final_masks(gates, cfg, c.target, c.tolerance)
+    unmet = rounding_unmet(final, cfg, c.round_to)
+    why = [f"the FFN ({cfg.ffn_dim} channels) is narrower than {c.round_to}"] * (cfg.ffn_dim < c.round_to)
+    why += [f"the hidden width ({cfg.dim}) is narrower than {c.round_to}"] * (cfg.dim < c.round_to)
+    if unmet and not why:
+        why = [f"no widths in multiples of {c.round_to} reach the target {c.target} within --tolerance "
+               f"{c.tolerance}, so the final masks are not rounded (raise --tolerance or lower --round-to)"]
+    ppl = {}
+    if heldout is not None and len(heldout):
+        ppl = {"ppl_rounded": student_ppl(parts, heldout, final), "ppl_unrounded": student_ppl(parts, heldout, plain)}
+    return {"round_to": c.round_to,
+            "units_moved": {g: int((getattr(final, g) != getattr(plain, g)).sum()) for g in MASK_GROUPS},
+            "sparsity_rounded": float(expected_sparsity(final, cfg)),
+            "sparsity_unrounded": float(expected_sparsity(plain, cfg)), **ppl, "unmet": unmet,
+            "warning": f"--round-to {c.round_to} not met: {'; '.join(unmet)} ({'; '.join(why)})" if unmet else None}
 
 
 FIT_WARN = 0.02  # 2 percentage points
@@ -800,7 +964,7 @@ def run(c: RunConfig, start: str = "new") -> dict | None:
             st.ppl_before = heldout_ppl(parts.model, heldout, c, parts.autocast)
         if st.phase == "prune":
             prune(parts, st, blocks, heldout, sched, log, ckpt)
-            parts = end_pruning(parts, st)
+            parts = end_pruning(parts, st, heldout)
             ckpt.save(parts)
         if st.phase == "finetune":
             finetune(parts, st, examples, sched, max(tok.eos_id, 0), log, ckpt)

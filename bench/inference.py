@@ -15,6 +15,7 @@ Defaults: on CPU a 134M model (dim 768, 12 layers, 12 heads, FFN 2048, 32k vocab
 prefill 4 x 512, 5 rounds. Rounds interleave the models (dense, 20%, 50%, dense, ...); medians are reported.
 
     python bench/inference.py [--device cpu|cuda] [--preset bench|7b] [--repeats 3] [--json bench/inference.json]
+    python bench/inference.py --profile 32 --json /tmp/profile.json    # where a decode step's time goes, no timing
 """
 import argparse
 import json
@@ -96,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds over all models (CPU: 3, CUDA: 5)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable timings on a shared machine)")
     ap.add_argument("--report", default=None, help="OUT/report.json of a NutePrune run: use its per-layer shape")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="instead of timing: torch.profiler over STEPS decode steps of each model, shares per op group")
     ap.add_argument("--json", default=str(ROOT / "bench" / "inference.json"))
     return ap.parse_args(argv)
 
@@ -122,6 +125,44 @@ def measure(models: dict, prompt, batch, new_tokens: int, repeats: int, device) 
                 prefill[name].append(timed(lambda: m(batch), device))
             print(f"  round {r}: " + "  ".join(f"{n} {decode[n][-1]:.2f}s" for n in models), flush=True)
     return decode, prefill
+
+
+PROFILE_GROUPS = {"linear": "weights (linear)", "scaled_dot_product_attention": "attention (SDPA)",
+                  "index_select": "K/V gather (index_select)", "copy_": "KV cache write", "slice": "KV cache write"}
+
+
+def profile_decode(models: dict, prompt, steps: int) -> dict:
+    """Where one decode step's time goes, per model: shares of the profiled wall time by top-level op group (each
+    with its children), the rest being Python and dispatch between ops; and top-level ops per token. Shares, not
+    timings: the profiler slows small ops most, and a busy machine slows everything."""
+    from torch.profiler import profile
+    out = {}
+    with torch.no_grad():
+        for name, m in models.items():
+            cache = llama.new_kv_cache(m, 1, prompt.shape[1] + steps)
+            tok = m(prompt, cache=cache)[:, -1:].argmax(-1)
+            with profile() as prof:
+                t = time.perf_counter()
+                for pos in range(prompt.shape[1], prompt.shape[1] + steps):  # as llama.generate's loop
+                    tok = m(tok, cache=cache, start_pos=pos)[:, -1:].argmax(-1)
+                wall = (time.perf_counter() - t) * 1e6
+            top = [e for e in prof.events() if e.cpu_parent is None]
+            groups = {}
+            for e in top:
+                g = PROFILE_GROUPS.get(e.name.removeprefix("aten::"), "other ops (norms, RoPE, views, adds)")
+                groups[g] = groups.get(g, 0.0) + e.cpu_time_total
+            groups["Python and dispatch between ops"] = wall - sum(groups.values())
+            out[name] = {"ops_per_token": len(top) / steps, "shares": {g: v / wall for g, v in groups.items()}}
+    return out
+
+
+def print_profile(prof: dict) -> None:
+    names = list(prof)
+    groups = list(dict.fromkeys(g for p in prof.values() for g in p["shares"]))
+    print(f"\n{'share of a decode step':<40}" + "".join(f"{n:>9}" for n in names))
+    for g in groups:
+        print(f"{g:<40}" + "".join(f"{100 * prof[n]['shares'].get(g, 0):8.1f}%" for n in names))
+    print(f"{'top-level ops per token':<40}" + "".join(f"{prof[n]['ops_per_token']:9.0f}" for n in names))
 
 
 def result_rows(models: dict, cfg: llama.LlamaConfig, decode: dict, prefill: dict, new_tokens: int,
@@ -178,6 +219,13 @@ def main(argv=None):
           + ("" if cuda else f", {args.threads} thread(s)") + f"; decode {args.prompt} -> {args.new_tokens} tokens, "
           f"batch 1, KV cache; prefill {prefill_batch} x 512; {repeats} rounds", flush=True)
 
+    if args.profile:
+        prof = profile_decode(models, prompt, args.profile)
+        print_profile(prof)
+        Path(args.json).write_text(json.dumps({"profile_steps": args.profile, "prompt": args.prompt,
+                                               "threads": args.threads, "profile": prof}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+        return
     decode, prefill = measure(models, prompt, batch, args.new_tokens, repeats, args.device)
     rows = result_rows(models, cfg, decode, prefill, args.new_tokens, batch.numel())
     print_table(rows)

@@ -8,7 +8,8 @@ with mask and lambda rates high enough that the pkd run crosses many snapshot le
 --eval-every on so that snapshot and student perplexities are logged, and a checkpoint saved on the way. Each runs in
 the same folder (--work) every time, so that report.json's `args.out` is the same before and after. Kept per run:
 pruned/model.safetensors, log.jsonl, report.json. The comparison: sha256 of the first two, and report.json key by
-key, where only the wall time may differ (printed). Exit status 1 when anything else differs.
+key, where only the wall time may differ (printed), and `args` may hold flags added since the reference (at their
+defaults, printed). Exit status 1 when anything else differs.
 """
 from __future__ import annotations
 
@@ -64,8 +65,11 @@ def compare(new: Path, ref: Path) -> bool:
             print(f"{name:7} {f:25} {'same' if a == b else 'DIFFERS'} {a[:16]} {b[:16]}")
             same &= a == b
         r, n = (json.loads((p / name / "report.json").read_text()) for p in (ref, new))
+        added = sorted(n["args"].keys() - r["args"].keys())  # flags added since ref: their defaults change nothing
+        n["args"] = {k: v for k, v in n["args"].items() if k not in added}
         differ = sorted(k for k in r.keys() | n.keys() if r.get(k) != n.get(k))
-        print(f"{name:7} {'report.json':25} fields that differ: {differ or 'none'}")
+        print(f"{name:7} {'report.json':25} fields that differ: {differ or 'none'}"
+              + (f"; new flags at their defaults: {added}" if added else ""))
         same &= set(differ) <= set(WALL_TIME)
     return same
 

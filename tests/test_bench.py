@@ -1,12 +1,18 @@
-"""The benchmarks measure the code users run: bench/train_cost.py steps with nuteprune.prune_step itself."""
+"""The benchmarks measure the code users run: bench/train_cost.py steps with nuteprune.prune_step itself, and
+bench/llama_cpp_speed.py runs end to end."""
+import json
 import sys
 
+import pytest
 import torch
 
+import checkpoint
 import llama
-from conftest import ROOT
+import tokenization
+from conftest import ROOT, need
 
 sys.path.insert(0, str(ROOT / "bench"))
+import llama_cpp_speed  # noqa: E402
 import train_cost  # noqa: E402
 
 
@@ -25,3 +31,25 @@ def test_train_cost_times_every_phase_of_prune_step(monkeypatch):
     assert calls == ["none", "kd", "pkd", "pkd"]  # floor is a bare forward
     assert phases["plain"] == ["start", "student", "loss", "backward", "optimizer"]
     assert phases["pkd_layer"] == ["start", "teacher", "student", "loss", "backward", "optimizer"]
+
+
+def test_llama_cpp_speed_runs_end_to_end(tmp_path):
+    """bench/llama_cpp_speed.py on stories260K, dense and pruned, one round: every row, ratio and perplexity."""
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    tok = tokenization.SentencePieceTokenizer(need("stories260K", "tok512.model"))
+    wikitext = need("wikitext2", "wiki.test.raw")
+    model = checkpoint.load_model(need("stories260K", "stories260K.bin"))
+    checkpoint.save_model(model, tmp_path / "dense", tok)
+    head, inter = torch.ones(5, 8), torch.ones(5, 172)
+    head[:, ::2], inter[:, 128:] = 0, 0
+    checkpoint.export_pruned(model, llama.Masks(head, inter, None), tmp_path / "run" / "pruned", tok)
+    llama_cpp_speed.main(["--dense", str(tmp_path / "dense"), "--pruned", f"p={tmp_path / 'run'}", "--types", "f16,q8_0",
+                          "--threads", "1", "--reps", "1", "--ppl-windows", "1", "--wikitext", str(wikitext),
+                          "--work", str(tmp_path / "work"), "--json", str(tmp_path / "out.json")])
+    rows = json.loads((tmp_path / "out.json").read_text())["models"]
+    assert [(r["label"], r["type"]) for r in rows] == [("dense", "f16"), ("dense", "q8_0"), ("p", "f16"), ("p", "q8_0")]
+    assert all(r["pp_tok_s"] > 0 and r["tg_tok_s"] > 0 and r["ppl"] > 1 for r in rows)
+    kept = llama.count_params(checkpoint.load_model(tmp_path / "run" / "pruned")) / llama.count_params(model)
+    assert rows[2]["kept"] == rows[3]["kept"] == pytest.approx(kept) and rows[0]["pp_ratio"] == 1.0
+    assert rows[1]["fallbacks"] and not rows[3]["fallbacks"]  # FFN 172 is no multiple of 32; 128 is

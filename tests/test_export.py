@@ -247,3 +247,93 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
             export.main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+# -- quantised GGUF by llama.cpp's own quantizer ---------------------------------------------------------------------
+
+STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her dog."
+
+
+@pytest.fixture(scope="module")
+def quantizable(tmp_path_factory):
+    """stories260K (a trained model: quantisation error shows as it would) pruned to rows of whole 32-blocks: hidden
+    64, one query head per K/V head (4 x Dh 8 = 32), FFN 128 of 172; its folder, llama.py logits of STORY, the ids."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("llama_cpp")
+    ckpt, tok_path = need("stories260K", "stories260K.bin"), need("stories260K", "tok512.model")
+    model = checkpoint.load_model(ckpt)
+    cfg = model.config
+    head, inter = torch.zeros(cfg.n_layers, cfg.n_heads), torch.zeros(cfg.n_layers, cfg.ffn_dim)
+    head[:, ::2], inter[:, :128] = 1, 1
+    out = tmp_path_factory.mktemp("s260") / "pruned"
+    tok = tokenization.SentencePieceTokenizer(tok_path)
+    checkpoint.export_pruned(model, llama.Masks(head, inter, None), out, tok)
+    ids = tok.encode(STORY, bos=True)
+    with torch.no_grad():
+        ref = checkpoint.load_model(out)(torch.tensor([ids]))[0].numpy()
+    return out, ref, ids
+
+
+def cpp_logits(path, ids):
+    import llama_cpp
+    cpp = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False, logits_all=True, type_k=0,
+                          type_v=0)
+    cpp.eval(ids)
+    return np.array(cpp.scores[:len(ids)])
+
+
+# measured: q8_0 0.015, q4_0 0.13 (mean |logit difference| / std of the f32 logits, 6.75); top-1 agreement 1.0 / 0.64
+@pytest.mark.parametrize("ftype, rel_tol, top1", [("q8_0", 0.03, 0.95), ("q4_0", 0.25, 0.5)])
+def test_quantised_gguf_by_llama_cpp_runs_close_to_f32(quantizable, tmp_path, ftype, rel_tol, top1):
+    import gguf
+    path, ref, ids = quantizable
+    report = export.write_gguf(path, tmp_path / f"m-{ftype}.gguf", ftype)
+    assert report["quantizer"] in ("llama_cpp", "llama-quantize")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / f"m-{ftype}.gguf").tensors}
+    assert all(types[f"blk.{i}.{n}.weight"] == ftype.upper() for i in range(5)
+               for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"))
+    # every row is whole 32-blocks; only q4_0's tied output (token_embd, Q6_K in llama.cpp's mixture) needs 256
+    assert report["fallbacks"] == ([] if ftype == "q8_0" else
+                                   [{"tensor": "token_embd.weight", "type": "Q8_0", "row": 64, "block": 256}])
+    got = cpp_logits(tmp_path / f"m-{ftype}.gguf", ids)
+    assert np.abs(got - ref).mean() / ref.std() <= rel_tol
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= top1
+    export.write_gguf(path, tmp_path / "f32.gguf")  # the same model unquantised: exact
+    np.testing.assert_allclose(cpp_logits(tmp_path / "f32.gguf", ids), ref, atol=1e-3, rtol=0)
+
+
+def test_k_quant_fallbacks_are_reported(quantizable, tmp_path, capsys):
+    path, _, _ = quantizable
+    report = export.write_gguf(path, tmp_path / "m.gguf", "q4_k_m")
+    found = {f["tensor"]: f for f in report["fallbacks"]}
+    down = found["blk.0.ffn_down.weight"]  # rows of 128 channels: not whole blocks of 256
+    assert down["row"] == 128 and down["block"] == 256 and down["type"] in ("Q5_0", "Q5_1", "Q8_0")
+    assert all(f["row"] % 256 for f in report["fallbacks"])  # every row here is shorter than 256
+    assert "blk.0.ffn_down.weight" in capsys.readouterr().out
+
+
+def test_padding_to_the_block_is_exact(pruned, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    gguf = pytest.importorskip("gguf")
+    need("stories260K", "tok512.model")
+    path, model = pruned
+    report = export.write_gguf(path, tmp_path / "padded.gguf", "f32", pad=32)  # f32, to see that padding is exact
+    cfg, plans = model.config, export.plan_gguf(model.config, 32)
+    assert report["added_params"] == export.padding_report(cfg, plans)["added_params"] > \
+        export.padding_report(cfg, export.plan_gguf(cfg))["added_params"]
+    shapes = {t.name: [int(n) for n in t.shape] for t in gguf.GGUFReader(tmp_path / "padded.gguf").tensors}
+    for i, p in enumerate(plans):  # rows of ffn_down and attn_output: whole blocks of 32
+        assert p.ffn % 32 == 0 and shapes.get(f"blk.{i}.ffn_down.weight", [0])[0] == p.ffn
+        assert not p.q_src or shapes[f"blk.{i}.attn_output.weight"][0] == len(p.q_src) * cfg.head_dim
+        assert not p.q_src or len(p.q_src) * cfg.head_dim % 32 == 0
+    cpp = llama_cpp.Llama(model_path=str(tmp_path / "padded.gguf"), n_ctx=64, n_threads=1, verbose=False,
+                          logits_all=True, type_k=0, type_v=0)
+    cpp.eval(PROMPT)
+    with torch.no_grad():
+        np.testing.assert_allclose(cpp.scores[:len(PROMPT)], model(torch.tensor([PROMPT]))[0], atol=1e-3, rtol=0)
+
+
+def test_quantised_types_need_llama_cpp(pruned, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "quantizer", lambda: None)
+    with pytest.raises(ValueError, match="llama-cpp-python"):
+        export.write_gguf(pruned[0], tmp_path / "m.gguf", "q4_k_m")

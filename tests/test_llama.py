@@ -145,6 +145,20 @@ def test_kv_cache_generation_matches_full_forward():
     assert torch.equal(out, seq)
 
 
+def test_grouped_attention_reads_the_cache_in_place_with_the_gather_s_bits():
+    model = tiny(**GQA)
+    assert all(layer.self_attn.even_groups for layer in model.model.layers)
+    prompt = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        in_place = model(prompt), llama.generate(model, prompt, 12)
+        for layer in model.model.layers:  # what every layer did before: a K/V copy per query head
+            layer.self_attn.even_groups = False
+        gathered = model(prompt), llama.generate(model, prompt, 12)
+    assert torch.equal(in_place[0], gathered[0]) and torch.equal(in_place[1], gathered[1])
+    uneven = llama.prune_model(tiny(**GQA), llama.Masks(head=torch.tensor([[1, 1, 1, 0.]] * 3)))
+    assert not any(layer.self_attn.even_groups for layer in uneven.model.layers)  # groups of 2 and 1: gathered
+
+
 # -- masks and physical pruning --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cfg", [MHA, GQA], ids=["mha", "gqa"])

@@ -284,3 +284,64 @@ def test_finetune_loss_is_the_mean_over_the_batchs_labelled_tokens_whatever_the_
         assert loss == pytest.approx(expected, rel=1e-6, abs=0)
         for g, g1 in zip(grads, results[0][1]):
             torch.testing.assert_close(g, g1, atol=1e-6, rtol=1e-5)
+
+# -- --round-to N: hardware-friendly widths in the final masks ------------------------------------------------------
+
+ROUNDABLE = dict(dim=64, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=256, vocab_size=64, max_seq_len=64)
+
+
+def query_groups(cfg: llama.LlamaConfig) -> list[list[int]]:
+    """Per layer of an exported model: the number of query heads on each of its K/V heads."""
+    return [[m.count(k) for k in range(kv)] for m, kv in zip(cfg.kv_map, cfg.kv_heads)]
+
+
+@pytest.mark.parametrize("target", [0.2, 0.5, 0.7])
+def test_round_to_32_keeps_ffn_widths_in_multiples_of_32_on_target(target):
+    model = tiny(lora=False, **ROUNDABLE)
+    gates = random_gates(model.config)  # log_alpha ~ N(1, 2): the reference rule keeps ragged widths
+    assert any(f % 32 for f in gates.deterministic().intermediate.sum(-1).tolist())
+    masks = npr.final_masks(gates, model.config, target, tol=0.005, round_to=32)
+    pruned = llama.prune_model(model, masks).config
+    assert all(f % 32 == 0 for f in pruned.ffn), pruned.ffn
+    assert pruned.dim % 32 == 0
+    assert all(len(set(g)) == 1 for g in query_groups(pruned) if g), query_groups(pruned)  # no padding in llama.cpp
+    exported = 1 - npr.prunable_tensors(llama.prune_model(model, masks)) / npr.prunable_tensors(model)
+    assert abs(exported - target) <= 0.005
+    assert npr.rounding_unmet(masks, model.config, 32) == []
+
+
+def test_round_to_keeps_the_trained_ranking():
+    cfg = llama.LlamaConfig(**ROUNDABLE)
+    gates = random_gates(cfg)
+    for target in (0.2, 0.5, 0.7):
+        masks = npr.final_masks(gates, cfg, target, round_to=32)
+        for group in ("intermediate", "hidden"):  # per row, the kept units are the row's most confident
+            la, kept = getattr(gates, group).log_alpha.detach(), getattr(masks, group)
+            for row, k in zip(la.view(-1, la.shape[-1]), kept.view(-1, la.shape[-1])):
+                if 0 < k.sum() < len(k):
+                    assert row[k == 1].min() >= row[k == 0].max()
+
+
+def test_round_to_evens_query_groups_moving_fewest_heads():
+    la = torch.tensor([3.0, 2.0, 1.0, 0.0, 5.0, -1.0, -2.0, -3.0])  # two K/V heads with 4 query heads each
+    kept = torch.tensor([1, 1, 1, 0, 1, 0, 0, 0.])  # groups of 3 and 1
+    even = npr._equal_groups(la, kept, 4)
+    assert even.tolist() == [1, 1, 1, 0, 0, 0, 0, 0]  # one group of 3: one head moved (2 groups of 2 would move 2)
+    mha = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1.])
+    assert torch.equal(npr._equal_groups(la, mha, 1), mha)  # one head per group: nothing to even out
+
+
+def test_round_to_1_is_the_paper_rule():
+    cfg = llama.LlamaConfig(**ROUNDABLE)
+    gates = random_gates(cfg)
+    for target in (0.2, 0.5):
+        a, b = npr.final_masks(gates, cfg, target), npr.final_masks(gates, cfg, target, round_to=1)
+        assert all(torch.equal(x, y) for x, y in zip(npr.mask_tensors(a), npr.mask_tensors(b)))
+
+
+def test_round_to_wider_than_the_model_is_reported_unmet():
+    cfg = llama.LlamaConfig(**ROUNDABLE)
+    masks = npr.final_masks(random_gates(cfg), cfg, 0.5, round_to=512)  # FFN 256 and hidden 64 are narrower
+    assert abs(float(npr.expected_sparsity(masks, cfg)) - 0.5) <= 0.005  # the target still holds
+    unmet = npr.rounding_unmet(masks, cfg, 512)
+    assert unmet and unmet[0].startswith("FFN widths not multiples of 512")

@@ -123,6 +123,19 @@ def test_forced_target_warns_in_stdout_and_report(files, tmp_path, capsys):
     assert [ln for ln in stdout.splitlines() if ln.startswith("warning: ")] == [f"warning: {report['warning']}"]
 
 
+def test_round_to_wider_than_the_model_warns_and_reports_its_cost(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    npr.main(args(files, out, "--max-steps", "4", "--round-to", "64"))  # the FFN is 48 wide, hidden 32
+    stdout = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    r = report["rounding"]
+    assert abs(report["sparsity"] - 0.5) <= 0.005 and r["round_to"] == 64
+    assert r["warning"].startswith("--round-to 64 not met: FFN widths not multiples of 64") and "narrower" in r["warning"]
+    assert f"warning: {r['warning']}" in stdout.splitlines()
+    assert set(r["units_moved"]) == {"head", "intermediate", "hidden"}
+    assert r["ppl_rounded"] > 1 and r["ppl_unrounded"] > 1 and report["args"]["round_to"] == 64
+
+
 def test_masks_that_learned_the_target_carry_no_warning():
     cfg = npr.llama.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=64)
     gates = npr.Gates(cfg)
