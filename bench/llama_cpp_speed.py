@@ -107,6 +107,7 @@ def rounded_runs(spec: str, sizes: list[int], work: Path) -> list[tuple[str, Pat
     trained gates and LoRA, state.pt): (label, folder) each. Post fine-tuning trained its LoRA on the unrounded masks,
     so a fine-tuned run's variants carry a LoRA that never saw them (said in a line)."""
     import nuteprune as npr
+    import rounding
     import runfolder
     label, ckpt = resolve(spec)
     run = ckpt.parent
@@ -122,7 +123,7 @@ def rounded_runs(spec: str, sizes: list[int], work: Path) -> list[tuple[str, Pat
     out = []
     for n in sizes:
         final = npr.final_masks(gates, model.config, c.target, c.tolerance, n)
-        unmet = npr.rounding_unmet(final, model.config, n)
+        unmet = rounding.unmet(final, model.config, n)
         print(f"{label} rounded to {n}: sparsity {float(npr.expected_sparsity(final, model.config)):.4f}"
               + (f"; not met: {'; '.join(unmet)}" if unmet else ""))
         checkpoint.export_pruned(model, final, work / f"{label}-r{n}", tok)

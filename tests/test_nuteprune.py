@@ -6,6 +6,7 @@ import torch
 
 import llama
 import nuteprune as npr
+import rounding
 from conftest import GQA, MHA, tiny_llama
 from llama import Masks
 
@@ -307,7 +308,7 @@ def test_round_to_32_keeps_ffn_widths_in_multiples_of_32_on_target(target):
     assert all(len(set(g)) == 1 for g in query_groups(pruned) if g), query_groups(pruned)  # no padding in llama.cpp
     exported = 1 - npr.prunable_tensors(llama.prune_model(model, masks)) / npr.prunable_tensors(model)
     assert abs(exported - target) <= 0.005
-    assert npr.rounding_unmet(masks, model.config, 32) == []
+    assert rounding.unmet(masks, model.config, 32) == []
 
 
 def test_round_to_keeps_the_trained_ranking():
@@ -325,10 +326,10 @@ def test_round_to_keeps_the_trained_ranking():
 def test_round_to_evens_query_groups_moving_fewest_heads():
     la = torch.tensor([3.0, 2.0, 1.0, 0.0, 5.0, -1.0, -2.0, -3.0])  # two K/V heads with 4 query heads each
     kept = torch.tensor([1, 1, 1, 0, 1, 0, 0, 0.])  # groups of 3 and 1
-    even = npr._equal_groups(la, kept, 4)
+    even = rounding._equal_groups(la, kept, 4)
     assert even.tolist() == [1, 1, 1, 0, 0, 0, 0, 0]  # one group of 3: one head moved (2 groups of 2 would move 2)
     mha = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1.])
-    assert torch.equal(npr._equal_groups(la, mha, 1), mha)  # one head per group: nothing to even out
+    assert torch.equal(rounding._equal_groups(la, mha, 1), mha)  # one head per group: nothing to even out
 
 
 def test_round_to_1_is_the_paper_rule():
@@ -343,5 +344,5 @@ def test_round_to_wider_than_the_model_is_reported_unmet():
     cfg = llama.LlamaConfig(**ROUNDABLE)
     masks = npr.final_masks(random_gates(cfg), cfg, 0.5, round_to=512)  # FFN 256 and hidden 64 are narrower
     assert abs(float(npr.expected_sparsity(masks, cfg)) - 0.5) <= 0.005  # the target still holds
-    unmet = npr.rounding_unmet(masks, cfg, 512)
+    unmet = rounding.unmet(masks, cfg, 512)
     assert unmet and unmet[0].startswith("FFN widths not multiples of 512")
