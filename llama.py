@@ -424,6 +424,13 @@ def prunable_params(cfg: LlamaConfig) -> int:
                for h, kv, f in zip(cfg.heads, cfg.kv_heads, cfg.ffn))
 
 
+def prunable_tensors(model: Llama) -> int:
+    """Prunable weights counted on the tensors themselves (not the config): the sparsity a report states is the one
+    on disk."""
+    return sum(p.numel() for n, p in model.named_parameters()
+               if n.endswith(".weight") and n.split(".")[-2] in PROJECTIONS)
+
+
 def count_params(model_or_cfg) -> int:
     if isinstance(model_or_cfg, LlamaConfig):
         cfg = model_or_cfg

@@ -21,8 +21,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 import torch
@@ -38,6 +37,7 @@ import flags
 import llama
 import rounding
 import runfolder
+import runner
 import tokenization
 from llama import MASK_GROUPS, PROJECTIONS, Masks
 
@@ -728,12 +728,6 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor
 # export (METHOD.md §8) and report
 
 
-def prunable_tensors(model: llama.Llama) -> int:
-    # counted on the tensors themselves (not the config): the sparsity the report states is the one on disk
-    return sum(p.numel() for n, p in model.named_parameters()
-               if n.endswith(".weight") and n.split(".")[-2] in PROJECTIONS)
-
-
 def heldout_ppl(model: llama.Llama, blocks: torch.Tensor, c: RunConfig, autocast=nullcontext,
                 masks: Masks | None = None) -> float | None:
     """exp(mean next-token cross-entropy) over the held-out blocks (N, T); None without any."""
@@ -742,73 +736,8 @@ def heldout_ppl(model: llama.Llama, blocks: torch.Tensor, c: RunConfig, autocast
     return math.exp(evaluate.mean_nll(model, blocks, c.micro_batch_size, masks, autocast=autocast))
 
 
-def export_and_report(parts: Parts, st: RunState, out: Path, tok: tokenization.Tokenizer, heldout: torch.Tensor) -> dict:
-    model, c = parts.model.eval(), parts.c
-    cfg_pruned = checkpoint.export_pruned(model, st.final, out / "pruned", tok)
-    pruned = checkpoint.load_model(out / "pruned", *cli.device_dtype(c.device, c.dtype))
-    report = {
-        "target": c.target,
-        "sparsity": 1 - prunable_tensors(pruned) / prunable_tensors(model),
-        "sparsity_total": 1 - llama.count_params(pruned) / llama.count_params(model),
-        "expected_sparsity": expected_sparsity(parts.gates.prob_nonzero(), model.config).item(),
-        "params_dense": llama.count_params(model), "params_pruned": llama.count_params(pruned),
-        "prunable_dense": prunable_tensors(model), "prunable_pruned": prunable_tensors(pruned),
-        "hidden": cfg_pruned.dim,  # kept hidden width, and per layer (the paper's Tables 11-12):
-        "layers": [{"heads": h, "kv_heads": kv, "ffn": f}
-                   for h, kv, f in zip(cfg_pruned.heads, cfg_pruned.kv_heads, cfg_pruned.ffn)],
-        "heldout_tokens": heldout.numel(), "ppl_before": st.ppl_before,
-        "ppl_after": heldout_ppl(pruned, heldout, c, parts.autocast),
-        "steps": st.step, "ft_steps": st.ft_step, "snapshots": len(st.snapshots), "stage2_start": st.stage2_start,
-        "lambda_1": parts.gates.lambda_1.item(), "lambda_2": parts.gates.lambda_2.item(),
-        **(st.fit or {}), "skipped_steps": st.skipped, "resumes": st.resumes, "wall_time_s": st.elapsed(),
-        "args": asdict(c)}
-    runfolder.write_report(out, report)
-    return report
-
 # -----------------------------------------------------------------------------
-# the run: setup, then Algorithm 1 (pruning with progressive teachers), post fine-tuning, export
-
-
-def read_data(c: RunConfig, tok: tokenization.Tokenizer) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """Calibration blocks (N, block_size), held-out blocks, and the Alpaca examples of post fine-tuning."""
-    blocks = data.calibration_blocks(c.data, tok, c.n_docs, c.block_size, c.cache_dir)
-    if c.heldout:  # a separate file: every block of --data trains
-        heldout = data.calibration_blocks(c.heldout, tok, c.n_docs, c.block_size, c.cache_dir)[:c.heldout_blocks]
-    else:  # the last blocks of --data, never trained on
-        heldout, blocks = blocks[len(blocks) - c.heldout_blocks:], blocks[:len(blocks) - c.heldout_blocks]
-    if len(blocks) < c.batch_size:
-        raise ValueError(f"{c.data}: {len(blocks)} training blocks of {c.block_size} tokens after holding out "
-                         f"{c.heldout_blocks}, fewer than --batch-size {c.batch_size}")
-    examples = data.alpaca_examples(c.ft_data, tok, c.ft_max_len) if c.ft_data else []
-    if c.ft_data and len(examples) < c.ft_batch_size:
-        raise ValueError(f"{c.ft_data}: {len(examples)} examples, fewer than --ft-batch-size {c.ft_batch_size}")
-    return blocks, heldout, examples
-
-
-def setup(c: RunConfig, saved: dict | None) -> tuple[Parts, tokenization.Tokenizer, RunState]:
-    """One model in memory: the frozen base, the gates, the student's LoRA (a teacher's is swapped in per step,
-    METHOD.md §6); under torchrun, sharded across the ranks once the checkpoint's values are in."""
-    device, dtype = cli.device_dtype(c.device, c.dtype)
-    device = distributed.init(device)
-    runfolder.seed_all(c.seed)
-    rng = torch.Generator().manual_seed(c.seed)  # Parts.rng
-    sharded = distributed.world_size() > 1
-    model, tok = load_base(c, torch.device("cpu") if sharded else device, dtype)  # FSDP moves the shards
-    if device.type == "cpu":
-        cli.cpu_threads(llama.count_params(model))
-    gates = Gates(model.config, rng).to(device)  # its initialisation draws from the run's stream before LoRA's
-    attach_lora(model, c, saved, rng)
-    if sharded:
-        distributed.shard_model(model, device)
-    st = RunState() if saved is None else RunState.from_saved(saved)
-    lora_weights = list(llama.lora_state(model).values())
-    optimizers = prune_optimizer(gates, lora_weights) if st.phase == "prune" else finetune_optimizer(lora_weights)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
-    parts = Parts(model, gates, optimizers, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), c,
-                  autocast, rng)
-    if saved is not None:
-        runfolder.load_parts(parts, saved)
-    return parts, tok, st
+# the base model, and the command (runner.py runs Algorithm 1, post fine-tuning and the export around this file)
 
 
 def load_base(c: RunConfig, device: torch.device, dtype: torch.dtype) -> tuple[llama.Llama, tokenization.Tokenizer]:
@@ -819,41 +748,6 @@ def load_base(c: RunConfig, device: torch.device, dtype: torch.dtype) -> tuple[l
         raise ValueError(f"--block-size {c.block_size} exceeds the model's maximum length {model.config.max_seq_len}")
     model.gradient_checkpointing = device.type == "cuda" if c.grad_ckpt is None else c.grad_ckpt
     return model, tok
-
-
-def run(c: RunConfig, start: str = "new") -> dict | None:
-    """start: new (OUT must not hold a run), resume (continue OUT's run from state.pt) or overwrite (start over).
-    Under torchrun every rank runs this; rank 0 alone writes OUT and returns the report."""
-    out = Path(c.out)
-    saved = runfolder.load_state(out) if start == "resume" else None
-    parts, tok, st = setup(c, saved)
-    distributed.check_batch_sizes(batch_size=c.batch_size, ft_batch_size=c.ft_batch_size)
-    blocks, heldout, examples = read_data(c, tok)
-    sched = Schedule.of(c, len(blocks), len(examples))
-    with runfolder.open_run(out, st, saved, start, c) as (log, ckpt):
-        if saved is None:
-            st.ppl_before = heldout_ppl(parts.model, heldout, c, parts.autocast)
-        if st.phase == "prune":
-            prune(parts, st, blocks, heldout, sched, log, ckpt)
-            parts = end_pruning(parts, st, heldout)
-            ckpt.save(parts)
-        if st.phase == "finetune":
-            finetune(parts, st, examples, sched, max(tok.eos_id, 0), log, ckpt)
-            st.phase = "done"
-            ckpt.save(parts)
-        model = model_to_export(parts, st)
-        return export_and_report(replace(parts, model=model), st, out, tok, heldout) if model is not None else None
-
-
-def model_to_export(parts: Parts, st: RunState) -> llama.Llama | None:
-    """The model export prunes: the run's own, or under torchrun a whole copy on rank 0's CPU (the base reloaded,
-    the run's LoRA gathered from the ranks into it); None on the other ranks."""
-    if distributed.world_size() == 1:
-        return parts.model
-    current = distributed.cpu_lora(parts.model)  # every rank takes part in the gather
-    if distributed.rank_id() != 0:
-        return None
-    return unsharded_base(parts, st, ft_lora=current if parts.c.ft_data else None)
 
 
 def unsharded_base(parts: Parts, st: RunState, ft_lora: dict | None = None) -> llama.Llama:
@@ -870,7 +764,7 @@ def main(argv=None):
             import memory_plan  # only --plan reads it
             memory_plan.plan(c, lambda n_blocks: Schedule.of(c, n_blocks, 0))
         else:
-            run(c, start)
+            runner.run(sys.modules[__name__], c, start)  # hands this file in: runner.py imports no method back
         distributed.finish()
     except runfolder.Stopped as e:
         print(str(e), file=sys.stderr)

@@ -14,6 +14,7 @@ import llama
 import flags
 import memory_plan
 import nuteprune as npr
+import runner
 from conftest import ROOT, args, ft
 
 
@@ -50,7 +51,7 @@ def test_smoke_whole_command(files, tmp_path):
 @pytest.mark.parametrize("distill", ["kd", "none", "pkd-no-layer-loss"])
 def test_ablations_run(files, tmp_path, distill):
     extra = ("--distill", "pkd", "--layer-weight", "0") if distill == "pkd-no-layer-loss" else ("--distill", distill)
-    report = npr.run(*flags.parse_args(args(files, tmp_path, *extra, "--no-lora", "--max-steps", "4"), npr.RunConfig))
+    report = runner.run(npr, *flags.parse_args(args(files, tmp_path, *extra, "--no-lora", "--max-steps", "4"), npr.RunConfig))
     assert abs(report["sparsity"] - 0.5) <= 0.005
 
 
@@ -104,7 +105,7 @@ def test_distillation_step_holds_one_copy_of_the_base_weights(files, tmp_path, m
             seen.append((torch.is_grad_enabled(), weight.data_ptr(), models, masks is not None))
         return forward(self, idx, masks, output_hidden, **kw)
     monkeypatch.setattr(llama.Llama, "forward", spy)
-    npr.run(*flags.parse_args(args(files, tmp_path), npr.RunConfig))
+    runner.run(npr, *flags.parse_args(args(files, tmp_path), npr.RunConfig))
     assert [s[0] for s in seen] == [False, True] * 24  # 12 steps x 2 micro-batches: the teacher, then the student
     assert any(s[3] for s in seen if not s[0])  # snapshots taught, not only the intact model
     assert len({s[1] for s in seen}) == 1  # every forward read the same weight storage

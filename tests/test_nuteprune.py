@@ -78,7 +78,7 @@ def test_expected_sparsity_equals_what_export_removes(cfg, seed):
     model = tiny(**cfg)
     masks = random_binary_masks(model.config, seed)
     pruned = llama.prune_model(model, masks)
-    removed = 1 - npr.prunable_tensors(pruned) / npr.prunable_tensors(model)
+    removed = 1 - llama.prunable_tensors(pruned) / llama.prunable_tensors(model)
     assert abs(float(npr.expected_sparsity(masks, model.config)) - removed) < 1e-6
     if cfg is GQA:
         assert pruned.config.kv_heads[0] < model.config.n_kv_heads  # the group removed on export is counted
@@ -109,7 +109,7 @@ def random_gates(cfg) -> npr.Gates:
 def test_final_masks_land_within_tolerance_of_any_target(cfg, target):
     model = tiny(**cfg)
     masks = npr.final_masks(random_gates(model.config), model.config, target, tol=0.005)
-    exported = 1 - npr.prunable_tensors(llama.prune_model(model, masks)) / npr.prunable_tensors(model)
+    exported = 1 - llama.prunable_tensors(llama.prune_model(model, masks)) / llama.prunable_tensors(model)
     assert abs(exported - target) <= 0.005
 
 
@@ -306,7 +306,7 @@ def test_round_to_32_keeps_ffn_widths_in_multiples_of_32_on_target(target):
     assert all(f % 32 == 0 for f in pruned.ffn), pruned.ffn
     assert pruned.dim % 32 == 0
     assert all(len(set(g)) == 1 for g in query_groups(pruned) if g), query_groups(pruned)  # no padding in llama.cpp
-    exported = 1 - npr.prunable_tensors(llama.prune_model(model, masks)) / npr.prunable_tensors(model)
+    exported = 1 - llama.prunable_tensors(llama.prune_model(model, masks)) / llama.prunable_tensors(model)
     assert abs(exported - target) <= 0.005
     assert rounding.unmet(masks, model.config, 32) == []
 

@@ -1,0 +1,123 @@
+"""The run around the method: read the data, set up what a step computes with, run Algorithm 1 and post fine-tuning
+with their checkpoints, export the pruned model and write the report. nuteprune.py (the method) hands itself in as
+`m` (m.prune, m.end_pruning, m.finetune, ...), so that it imports nothing that imports it back; the hops from the
+command to a step -> runner.run -> nuteprune.prune -> nuteprune.prune_step.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+import checkpoint
+import cli
+import data
+import distributed
+import llama
+import runfolder
+import tokenization
+
+
+def read_data(c, tok: tokenization.Tokenizer) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Calibration blocks (N, block_size), held-out blocks, and the Alpaca examples of post fine-tuning."""
+    blocks = data.calibration_blocks(c.data, tok, c.n_docs, c.block_size, c.cache_dir)
+    if c.heldout:  # a separate file: every block of --data trains
+        heldout = data.calibration_blocks(c.heldout, tok, c.n_docs, c.block_size, c.cache_dir)[:c.heldout_blocks]
+    else:  # the last blocks of --data, never trained on
+        heldout, blocks = blocks[len(blocks) - c.heldout_blocks:], blocks[:len(blocks) - c.heldout_blocks]
+    if len(blocks) < c.batch_size:
+        raise ValueError(f"{c.data}: {len(blocks)} training blocks of {c.block_size} tokens after holding out "
+                         f"{c.heldout_blocks}, fewer than --batch-size {c.batch_size}")
+    examples = data.alpaca_examples(c.ft_data, tok, c.ft_max_len) if c.ft_data else []
+    if c.ft_data and len(examples) < c.ft_batch_size:
+        raise ValueError(f"{c.ft_data}: {len(examples)} examples, fewer than --ft-batch-size {c.ft_batch_size}")
+    return blocks, heldout, examples
+
+
+def setup(m, c, saved: dict | None):
+    """(m.Parts, the tokenizer, m.RunState), one model in memory: the frozen base, the gates, the student's LoRA (a
+    teacher's is swapped in per step, METHOD.md §6); under torchrun, sharded across the ranks once the checkpoint's
+    values are in."""
+    device, dtype = cli.device_dtype(c.device, c.dtype)
+    device = distributed.init(device)
+    runfolder.seed_all(c.seed)
+    rng = torch.Generator().manual_seed(c.seed)  # Parts.rng
+    sharded = distributed.world_size() > 1
+    model, tok = m.load_base(c, torch.device("cpu") if sharded else device, dtype)  # FSDP moves the shards
+    if device.type == "cpu":
+        cli.cpu_threads(llama.count_params(model))
+    gates = m.Gates(model.config, rng).to(device)  # its initialisation draws from the run's stream before LoRA's
+    m.attach_lora(model, c, saved, rng)
+    if sharded:
+        distributed.shard_model(model, device)
+    st = m.RunState() if saved is None else m.RunState.from_saved(saved)
+    lora_weights = list(llama.lora_state(model).values())
+    optimizers = m.prune_optimizer(gates, lora_weights) if st.phase == "prune" else m.finetune_optimizer(lora_weights)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
+    parts = m.Parts(model, gates, optimizers, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), c,
+                    autocast, rng)
+    if saved is not None:
+        runfolder.load_parts(parts, saved)
+    return parts, tok, st
+
+
+def run(m, c, start: str = "new") -> dict | None:
+    """start: new (OUT must not hold a run), resume (continue OUT's run from state.pt) or overwrite (start over).
+    Under torchrun every rank runs this; rank 0 alone writes OUT and returns the report."""
+    out = Path(c.out)
+    saved = runfolder.load_state(out) if start == "resume" else None
+    parts, tok, st = setup(m, c, saved)
+    distributed.check_batch_sizes(batch_size=c.batch_size, ft_batch_size=c.ft_batch_size)
+    blocks, heldout, examples = read_data(c, tok)
+    sched = m.Schedule.of(c, len(blocks), len(examples))
+    with runfolder.open_run(out, st, saved, start, c) as (log, ckpt):
+        if saved is None:
+            st.ppl_before = m.heldout_ppl(parts.model, heldout, c, parts.autocast)
+        if st.phase == "prune":
+            m.prune(parts, st, blocks, heldout, sched, log, ckpt)
+            parts = m.end_pruning(parts, st, heldout)
+            ckpt.save(parts)
+        if st.phase == "finetune":
+            m.finetune(parts, st, examples, sched, max(tok.eos_id, 0), log, ckpt)
+            st.phase = "done"
+            ckpt.save(parts)
+        model = model_to_export(m, parts, st)
+        return export_and_report(m, replace(parts, model=model), st, out, tok, heldout) if model is not None else None
+
+
+def model_to_export(m, parts, st) -> llama.Llama | None:
+    """The model export prunes: the run's own, or under torchrun a whole copy on rank 0's CPU (the base reloaded,
+    the run's LoRA gathered from the ranks into it); None on the other ranks."""
+    if distributed.world_size() == 1:
+        return parts.model
+    current = distributed.cpu_lora(parts.model)  # every rank takes part in the gather
+    if distributed.rank_id() != 0:
+        return None
+    return m.unsharded_base(parts, st, ft_lora=current if parts.c.ft_data else None)
+
+
+def export_and_report(m, parts, st, out: Path, tok: tokenization.Tokenizer,
+                      heldout: torch.Tensor) -> dict:
+    model, c = parts.model.eval(), parts.c
+    cfg_pruned = checkpoint.export_pruned(model, st.final, out / "pruned", tok)
+    pruned = checkpoint.load_model(out / "pruned", *cli.device_dtype(c.device, c.dtype))
+    report = {
+        "target": c.target,
+        "sparsity": 1 - llama.prunable_tensors(pruned) / llama.prunable_tensors(model),
+        "sparsity_total": 1 - llama.count_params(pruned) / llama.count_params(model),
+        "expected_sparsity": m.expected_sparsity(parts.gates.prob_nonzero(), model.config).item(),
+        "params_dense": llama.count_params(model), "params_pruned": llama.count_params(pruned),
+        "prunable_dense": llama.prunable_tensors(model), "prunable_pruned": llama.prunable_tensors(pruned),
+        "hidden": cfg_pruned.dim,  # kept hidden width, and per layer (the paper's Tables 11-12):
+        "layers": [{"heads": h, "kv_heads": kv, "ffn": f}
+                   for h, kv, f in zip(cfg_pruned.heads, cfg_pruned.kv_heads, cfg_pruned.ffn)],
+        "heldout_tokens": heldout.numel(), "ppl_before": st.ppl_before,
+        "ppl_after": m.heldout_ppl(pruned, heldout, c, parts.autocast),
+        "steps": st.step, "ft_steps": st.ft_step, "snapshots": len(st.snapshots), "stage2_start": st.stage2_start,
+        "lambda_1": parts.gates.lambda_1.item(), "lambda_2": parts.gates.lambda_2.item(),
+        **(st.fit or {}), "skipped_steps": st.skipped, "resumes": st.resumes, "wall_time_s": st.elapsed(),
+        "args": asdict(c)}
+    runfolder.write_report(out, report)
+    return report
