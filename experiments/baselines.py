@@ -8,15 +8,32 @@ differs:
   - taylor: first-order Taylor importance of removing the unit on calibration data (LLM-Pruner's vector-wise
     criterion): |dL/dz| at z = 1, i.e. |sum_w w * dL/dw| over the unit's output weights, accumulated over batches.
 `finetune` is the "with tuning" row: LoRA (q, v) trained with next-token cross-entropy for an equal step budget.
+
+    python experiments/baselines.py --ckpt CKPT --data c4.jsonl --method taylor --target 0.5 --steps 300 \
+        --batch-size 4 --block-size 128 --out OUT        # rerun the same command to continue an interrupted run
+
+runs one baseline end to end on nuteprune.py's calibration blocks (the last --heldout-blocks held out) and writes
+OUT/pruned/ (the exported model) and OUT/report.json (nuteprune.py's field names: sparsity, params, held-out
+perplexity dense / one-shot / after LoRA, steps, tokens).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-import llama
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the project's modules
+import llama  # noqa: E402
+
+
+METHODS = ("magnitude", "taylor")
 
 
 def unit_scores_magnitude(model: llama.Llama) -> llama.Masks:
@@ -59,16 +76,19 @@ def unit_scores_taylor(model: llama.Llama, blocks: torch.Tensor, batch_size: int
 TAYLOR_BLOCKS = 128  # calibration blocks behind the Taylor scores: a fixed sample (seed 0), so the scores are too
 
 
+def unit_scores(model: llama.Llama, method: str, blocks: torch.Tensor) -> llama.Masks:
+    """Importance of every head, FFN channel and hidden dim by `method` ("magnitude" or "taylor")."""
+    if method == "magnitude":
+        return unit_scores_magnitude(model)
+    if method == "taylor":
+        sample = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))[:TAYLOR_BLOCKS]
+        return unit_scores_taylor(model, blocks[sample])
+    raise ValueError(f"unknown baseline {method!r}; valid: {', '.join(METHODS)}")
+
+
 def prune_masks(model: llama.Llama, method: str, target: float, blocks: torch.Tensor) -> llama.Masks:
     """0/1 masks of `method` ("magnitude" or "taylor") whose exported model has `target` prunable sparsity."""
-    if method == "magnitude":
-        scores = unit_scores_magnitude(model)
-    elif method == "taylor":
-        sample = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))[:TAYLOR_BLOCKS]
-        scores = unit_scores_taylor(model, blocks[sample])
-    else:
-        raise ValueError(f"unknown baseline {method!r}; valid: magnitude, taylor")
-    return masks_for_target(scores, model, target)
+    return masks_for_target(unit_scores(model, method, blocks), model, target)
 
 
 def _keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -87,13 +107,25 @@ def uniform_masks(scores: llama.Masks, cfg: llama.LlamaConfig, keep: float) -> l
                        _keep_top(scores.hidden, kd))
 
 
+def kept_prunable(masks: llama.Masks, cfg: llama.LlamaConfig) -> int:
+    """Prunable weights (q, k, v, o, gate, up, down) of the model llama.prune_model makes from 0/1 masks, counted in
+    integers from the masks alone (no pruned copy): a K/V head is kept while any query head of its group is."""
+    d = int((masks.hidden != 0).sum())
+    total = 0
+    for i in range(cfg.n_layers):
+        heads = (masks.head[i] != 0).nonzero().flatten().tolist()
+        kv = len({cfg.kv_map[i][h] for h in heads})
+        total += d * (2 * len(heads) + 2 * kv) * cfg.head_dim + 3 * d * int((masks.intermediate[i] != 0).sum())
+    return total
+
+
 def masks_for_target(scores: llama.Masks, model: llama.Llama, target: float) -> llama.Masks:
     """The uniform keep fraction whose exported model comes closest to `target` prunable sparsity."""
     cfg = model.config
     dense = llama.prunable_params(cfg)
 
     def sparsity(masks):
-        return 1 - llama.prunable_params(llama.prune_model(model, masks).config) / dense
+        return 1 - kept_prunable(masks, cfg) / dense
 
     # keep^2 ~ kept fraction (hidden dims times heads/channels); scan a fine grid around it for the closest
     centre = math.sqrt(1 - target)
@@ -103,11 +135,13 @@ def masks_for_target(scores: llama.Masks, model: llama.Llama, target: float) -> 
 
 
 def finetune(model: llama.Llama, blocks: torch.Tensor, steps: int, batch_size: int = 16, lr: float = 1e-3,
-             seed: int = 0, targets=("q_proj", "v_proj"), rank: int = 8) -> llama.Llama:
+             seed: int = 0, targets=("q_proj", "v_proj"), rank: int = 8, saved: dict | None = None,
+             after_step: Callable[[int, Callable[[], dict]], bool] | None = None) -> llama.Llama | None:
     """Equal-budget LoRA recovery: next-token cross-entropy, lr decaying linearly to 0; returns the merged model.
 
     Seeded by its own generator (LoRA init and data order), not the global one: runs in parallel threads stay
-    reproducible."""
+    reproducible. Resumable: after every step `after_step(step, state)` may save `state()` (LoRA, optimizer,
+    scheduler, generator, step) and return True to stop (finetune then returns None); `saved` continues from one."""
     g = torch.Generator().manual_seed(seed)
     llama.add_lora(model, targets=targets, rank=rank, alpha=float(rank))
     for m in llama.lora_modules(model).values():  # re-draw A as nn.Linear's init does, from g
@@ -117,8 +151,13 @@ def finetune(model: llama.Llama, blocks: torch.Tensor, steps: int, batch_size: i
     params = list(llama.lora_state(model).values())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    if saved is not None:
+        llama.load_lora_state(model, saved["lora"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        g.set_state(saved["generator"])
     model.train()
-    for _ in range(steps):
+    for step in range(0 if saved is None else saved["step"], steps):
         x = blocks[torch.randint(len(blocks), (batch_size,), generator=g)]
         loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
@@ -126,4 +165,175 @@ def finetune(model: llama.Llama, blocks: torch.Tensor, steps: int, batch_size: i
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        state = lambda: {"step": step + 1, "loss": loss.item(), "optimizer": opt.state_dict(),  # noqa: B023, E731
+                         "scheduler": sched.state_dict(), "generator": g.get_state(),
+                         "lora": {k: v.detach().clone() for k, v in llama.lora_state(model).items()}}
+        if after_step is not None and after_step(step + 1, state):
+            return None
     return llama.merge_lora(model.eval())
+
+# -----------------------------------------------------------------------------
+# the command: one baseline end to end (scores, masks, LoRA recovery, export, report), resumable. experiments/
+# smollm2.py runs it as a subprocess beside `nuteprune.py`, on the same calibration blocks and step budget.
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="One-shot structured pruning (magnitude or first-order Taylor) to a "
+                                "target sparsity, then LoRA recovery on the calibration blocks. Rerun the same "
+                                "command to continue an interrupted run (SIGTERM / Ctrl-C save a checkpoint).")
+    p.add_argument("--ckpt", required=True, help="dense checkpoint (anything checkpoint.load reads, .gguf too)")
+    p.add_argument("--tokenizer", help="default: beside --ckpt, or inside a .gguf")
+    p.add_argument("--data", required=True, help="calibration text, read as nuteprune.py reads --data")
+    p.add_argument("--out", required=True, help="state.pt, log.jsonl, report.json and pruned/ go here")
+    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--target", type=float, required=True, help="prunable sparsity of the exported model")
+    p.add_argument("--seed", type=int, default=0, help="LoRA initialisation and data order")
+    p.add_argument("--steps", type=int, required=True, help="LoRA optimizer steps (0: one-shot, no tuning)")
+    p.add_argument("--batch-size", type=int, default=16, help="blocks per LoRA step")
+    p.add_argument("--block-size", type=int, default=512)
+    p.add_argument("--n-docs", type=int, default=20000)
+    p.add_argument("--heldout-blocks", type=int, default=16, help="the last blocks of --data, never trained on")
+    p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate, decays linearly to 0")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-targets", default="q_proj,v_proj")
+    p.add_argument("--save-every", type=int, default=50, help="LoRA steps between checkpoints")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--cache-dir", help="token cache (as nuteprune.py's)")
+    p.add_argument("--scores", help="cache file of the unit scores (shared by the targets of one method)")
+    return p
+
+
+RESULT_FREE = ("out", "save_every", "log_every", "cache_dir", "scores")  # flags that do not change the result
+
+
+def read_blocks(a: argparse.Namespace, tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training blocks, held-out blocks) as nuteprune.py splits --data without --heldout."""
+    import data
+    blocks = data.calibration_blocks(a.data, tok, a.n_docs, a.block_size, a.cache_dir)
+    n = len(blocks) - a.heldout_blocks
+    if n < a.batch_size:
+        raise ValueError(f"{a.data}: {n} training blocks of {a.block_size} tokens, fewer than --batch-size "
+                         f"{a.batch_size}")
+    return blocks[:n], blocks[n:]
+
+
+def cached_scores(a: argparse.Namespace, model: llama.Llama, blocks: torch.Tensor) -> llama.Masks:
+    key = {k: getattr(a, k) for k in ("method", "ckpt", "data", "n_docs", "block_size", "heldout_blocks")}
+    path = Path(a.scores) if a.scores else None
+    if path is not None and path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved["key"] == key:
+            return llama.Masks(**saved["scores"])
+    scores = unit_scores(model, a.method, blocks)
+    if path is not None:
+        import checkpoint
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"key": key, "scores": {g: getattr(scores, g) for g in llama.MASK_GROUPS}}
+        checkpoint.atomic_write(path, lambda p: torch.save(record, p))
+    return scores
+
+
+def heldout_ppl(model: llama.Llama, heldout: torch.Tensor) -> float | None:
+    import evaluate
+    return math.exp(evaluate.mean_nll(model, heldout, 4)) if len(heldout) else None
+
+
+def one_shot(a: argparse.Namespace, model: llama.Llama, blocks, heldout) -> tuple[dict, llama.Llama]:
+    """The one-shot part of a run, what state.pt keeps beside the LoRA (masks, perplexities), and the pruned model."""
+    t0 = time.time()
+    ppl_before = heldout_ppl(model, heldout)
+    masks = masks_for_target(cached_scores(a, model, blocks), model, a.target)
+    pruned = llama.prune_model(model, masks)
+    return {"masks": {g: getattr(masks, g) for g in llama.MASK_GROUPS}, "ppl_before": ppl_before,
+            "ppl_oneshot": heldout_ppl(pruned, heldout), "wall": time.time() - t0,
+            "score_tokens": TAYLOR_BLOCKS * blocks.shape[1] if a.method == "taylor" else 0}, pruned
+
+
+def checkpointer(a: argparse.Namespace, out: Path, config: dict, one: dict, signals, log, t0: float):
+    """finetune's after_step: a log line every --log-every steps, state.pt every --save-every steps and when a
+    signal asked to stop (then True: stop)."""
+    def after_step(step: int, state) -> bool:
+        stop = signals.requested is not None
+        if step % a.log_every == 0 or step == a.steps or stop:
+            s = state()
+            log.write(json.dumps({"phase": "lora", "step": step, "loss": s["loss"]}) + "\n")
+            log.flush()
+        if stop or (step % a.save_every == 0 and step < a.steps):
+            import checkpoint
+            record = {"config": config, "oneshot": one, "lora": state(), "wall": one["wall"] + time.time() - t0}
+            checkpoint.atomic_write(out / "state.pt", lambda p: torch.save(record, p))
+        return stop
+    return after_step
+
+
+def run_report(a: argparse.Namespace, dense: llama.LlamaConfig, pruned: llama.LlamaConfig, one: dict,
+               heldout: torch.Tensor, ppl_after: float | None, wall: float) -> dict:
+    """report.json, with nuteprune.py's field names where they mean the same thing."""
+    m, mp = llama.prunable_params(dense), llama.prunable_params(pruned)
+    return {"method": a.method, "target": a.target, "seed": a.seed, "sparsity": 1 - mp / m,
+            "sparsity_total": 1 - llama.count_params(pruned) / llama.count_params(dense),
+            "params_dense": llama.count_params(dense), "params_pruned": llama.count_params(pruned),
+            "prunable_dense": m, "prunable_pruned": mp, "hidden": pruned.dim,
+            "layers": [{"heads": h, "kv_heads": kv, "ffn": f} for h, kv, f in
+                       zip(pruned.heads, pruned.kv_heads, pruned.ffn)],
+            "heldout_tokens": heldout.numel(), "ppl_before": one["ppl_before"], "ppl_oneshot": one["ppl_oneshot"],
+            "ppl_after": ppl_after, "steps": a.steps, "tokens": a.steps * a.batch_size * a.block_size,
+            "score_tokens": one["score_tokens"], "wall_time_s": wall, "args": vars(a)}
+
+
+def run(a: argparse.Namespace) -> dict | None:
+    """The run in --out, started or continued; its report, or None if a signal stopped it (state.pt saved)."""
+    import checkpoint
+    import cli
+    import runfolder
+    out = Path(a.out)
+    if (out / "report.json").is_file():
+        return json.loads((out / "report.json").read_text())
+    t0 = time.time()
+    config = {k: v for k, v in vars(a).items() if k not in RESULT_FREE}
+    saved = torch.load(out / "state.pt", weights_only=True) if (out / "state.pt").is_file() else None
+    if saved is not None and saved["config"] != config:
+        diff = {k: (saved["config"].get(k), v) for k, v in config.items() if saved["config"].get(k) != v}
+        raise ValueError(f"{out} holds a run made with other flags ({diff}: saved, given); use another --out")
+    model, tok = checkpoint.load(a.ckpt, a.tokenizer)
+    cli.cpu_threads(llama.count_params(model))  # nuteprune.py's rule: one thread below 100M parameters
+    blocks, heldout = read_blocks(a, tok)
+    if saved is None:
+        one, pruned = one_shot(a, model, blocks, heldout)
+    else:
+        one, pruned = saved["oneshot"], llama.prune_model(model, llama.Masks(**saved["oneshot"]["masks"]))
+    dense, model = model.config, None
+    out.mkdir(parents=True, exist_ok=True)
+    runfolder.truncate_log(out / "log.jsonl", saved["lora"]["step"] if saved else 0, 0)
+    with runfolder.StopSignals() as signals, open(out / "log.jsonl", "a") as log:
+        after = checkpointer(a, out, config, one, signals, log, t0 - (saved["wall"] - one["wall"] if saved else 0))
+        merged = pruned if a.steps == 0 else finetune(
+            pruned, blocks, a.steps, a.batch_size, a.lr, a.seed, a.lora_targets.split(","), a.lora_rank,
+            saved=saved["lora"] if saved else None, after_step=after)
+    if merged is None:
+        return None
+    checkpoint.save_model(merged, out / "pruned", tok)
+    wall = one["wall"] + time.time() - t0 + (saved["wall"] - one["wall"] if saved else 0)
+    rep = run_report(a, dense, merged.config, one, heldout, heldout_ppl(merged.eval(), heldout), wall)
+    checkpoint.atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(rep, indent=2)))
+    return rep
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
+    try:
+        if not 0 < a.target < 1 or a.steps < 0:
+            raise ValueError(f"--target must lie in (0, 1) and --steps be at least 0, got {a.target}, {a.steps}")
+        rep = run(a)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if rep is None:
+        print(f"stopped after a checkpoint; rerun the same command to continue ({a.out}/state.pt)", file=sys.stderr)
+        sys.exit(130)
+    print(f"{a.method} {a.target}: sparsity {rep['sparsity']:.4f}; held-out PPL dense {rep['ppl_before']}, "
+          f"one-shot {rep['ppl_oneshot']}, after {rep['steps']} LoRA steps {rep['ppl_after']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -435,7 +435,11 @@ def code_dir(a: argparse.Namespace) -> Path:
     return Path(a.code).resolve() if a.code else ROOT
 
 
-def code_id(a: argparse.Namespace) -> dict:
+CODE_FILES = ("nuteprune.py", "llama.py", "data.py", "evaluate.py", "demo.py", "cli.py", "flags.py", "runfolder.py",
+              "distributed.py")  # the last four exist from issue 17 on
+
+
+def code_id(a: argparse.Namespace, files: tuple[str, ...] = CODE_FILES) -> dict:
     """sha256 (first 16 hex digits) of the files a run executes, and the commit of this checkout."""
     import hashlib
     d = code_dir(a)
@@ -609,12 +613,12 @@ def run_nuteprune(ctx: Ctx, regime: str, p: dict, setting: str, seed: int, run: 
     raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code}; see {run / 'console.txt'}")
 
 
-def supervise(ctx: Ctx, cmd: list[str], run: Path) -> tuple:
-    """Run `cmd` (one thread, output to RUN/console.txt) to its end, sending it SIGTERM once at the deadline:
-    (wait status, resource usage, whether it was sent SIGTERM)."""
+def supervise(ctx: Ctx, cmd: list[str], run: Path, env: dict | None = None) -> tuple:
+    """Run `cmd` (one thread, output to RUN/console.txt; `env` added to the environment) to its end, sending it
+    SIGTERM once at the deadline: (wait status, resource usage, whether it was sent SIGTERM)."""
     with open(run / "console.txt", "a") as console:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=console, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})})
         termed = False
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)

@@ -174,6 +174,32 @@ def plot_teachers(log: list[dict], intact_ppl: float | None, path, title: str = 
     plt.close(fig)
 
 
+def plot_methods(series: dict[str, list[tuple]], path, title: str = ""):
+    """Issue 19: average zero-shot accuracy and WikiText-2 perplexity against kept parameters, one line per method.
+    series: a method's label -> its points (kept parameters in millions, average accuracy %, WikiText-2 PPL), None
+    where a number is missing; a one-point series (the dense model) is drawn as a star."""
+    plt = _pyplot()
+    fig, (acc, ppl) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (label, pts) in enumerate(series.items()):
+        pts = sorted(pts)
+        style = dict(marker="*" if len(pts) == 1 else "o", ms=11 if len(pts) == 1 else 5, color=f"C{i}", label=label)
+        for ax, k in ((acc, 1), (ppl, 2)):
+            shown = [(p[0], p[k]) for p in pts if p[k] is not None]
+            if shown:
+                ax.plot(*zip(*shown), **style)
+    acc.set_ylabel("average zero-shot accuracy (%)")
+    ppl.set_ylabel("WikiText-2 perplexity")
+    ppl.set_yscale("log")
+    for ax in (acc, ppl):
+        ax.set_xlabel("kept parameters (millions)")
+        ax.grid(alpha=0.3, which="both")
+    acc.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_run(run_dir, out_dir=None, label: str = "") -> list[Path]:
     log, report = read_run(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"

@@ -53,3 +53,19 @@ def test_llama_cpp_speed_runs_end_to_end(tmp_path):
     kept = llama.count_params(checkpoint.load_model(tmp_path / "run" / "pruned")) / llama.count_params(model)
     assert rows[2]["kept"] == rows[3]["kept"] == pytest.approx(kept) and rows[0]["pp_ratio"] == 1.0
     assert rows[1]["fallbacks"] and not rows[3]["fallbacks"]  # FFN 172 is no multiple of 32; 128 is
+
+
+def test_prune_flops_counts_and_classifies_a_tiny_step():
+    import prune_flops
+    r = prune_flops.main(["--preset", "tiny", "--batch", "2", "--seq", "12", "--micro-batch", "2", "--repeats", "1"])
+    assert r["step_flops"] > 0 and r["achieved_flops_s"] > 0 and set(r["classes"]) == set(prune_flops.CLASSES)
+    assert r["classes"]["projection GEMMs"]["flops"] > 0 and r["classes"]["LM head (vocabulary matmuls)"]["flops"] > 0
+    cfg = llama.LlamaConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536, vocab_size=49152)
+    c = prune_flops.classify
+    assert c("aten::mm", [[512, 576], [576, 49152]], cfg, 8) == "LM head (vocabulary matmuls)"
+    assert c("aten::mm", [[512, 576], [576, 8]], cfg, 8) == "LoRA thin matmuls"
+    assert c("aten::mm", [[512, 576], [576, 1536]], cfg, 8) == "projection GEMMs"
+    assert c("aten::_log_softmax", [[4, 128, 49152]], cfg, 8) == "softmax / KL over the vocabulary"
+    assert c("aten::mul", [[4, 128, 1536], [1536]], cfg, 8) == "mask multiplies"
+    assert c("aten::mul", [[4, 9, 128, 64], [1, 9, 1, 1]], cfg, 8) == "mask multiplies"
+    assert c("aten::mul", [[576], [4, 128, 576]], cfg, 8).startswith("other")  # RMSNorm's weight, not a gate
