@@ -11,9 +11,9 @@ micro-batch per step unless --micro-batch is smaller), a snapshot teacher (deter
 a PKD run holds) for --distill pkd, the intact model for kd. FLOPs are counted by torch.utils.flop_counter on one
 step (matmuls and attention, forward and backward). The plain GEMMs are fp32 matmuls of the step's own shapes:
 (B*T x D) @ (D x I), the FFN projection, the largest share of the FLOPs, and (B*T x D) @ (D x V), the LM head.
-Threads: --threads, else torch's setting (OMP_NUM_THREADS=1 gives one). Run it on an otherwise idle machine: on a busy one every
-time is inflated, the ratios less so. With --ckpt the weights are the real model's; with --preset they are random
-(the FLOPs and shapes are the same; the time of exp/log on random logits is too).
+Threads: --threads, else torch's setting (OMP_NUM_THREADS=1 gives one). Run it on an otherwise idle machine: on a
+busy one every time is inflated, the ratios less so. With --ckpt the weights are the real model's; with --preset
+they are random (the FLOPs and shapes are the same; the time of exp/log on random logits is too).
 """
 from __future__ import annotations
 

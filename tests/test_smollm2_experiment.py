@@ -32,7 +32,8 @@ def test_plan_puts_the_cheap_rows_first_and_pkd_20_gives_two_rows():
     assert smollm2.rows_of(a, pkd20) == ["pkd-20-s0", "pkd-20-s0+ft"]
     assert smollm2.rows_of(smollm2.parse_args(["--no-ft"]), pkd20) == ["pkd-20-s0"]
     assert [j.name for j in smollm2.plan(smollm2.parse_args(["--extra-seeds", ""]))][-1] == "dense-full"
-    for bad in (["--steps", "0"], ["--extra-seeds", "0"], ["--extra-seeds", "x"], ["--limit", "-1"]):
+    for bad in (["--steps", "0"], ["--extra-seeds", "0"], ["--extra-seeds", "x"], ["--limit", "-1"],
+                ["--warmup-epochs", "8"]):
         with pytest.raises(ValueError):
             smollm2.parse_args(bad)
 
