@@ -223,14 +223,14 @@ def _gguf_config(path: Path, meta: dict, names: dict) -> LlamaConfig:
                          f"convert the original Hugging Face folder instead")
     a = lambda k, d=None: meta.get(f"llama.{k}", d)  # noqa: E731
     H = a("attention.head_count")
+    if any(isinstance(a(k), list) for k in ("attention.head_count", "attention.head_count_kv", "feed_forward_length")):
+        raise ValueError(f"{path}: per-layer head or FFN counts are not read; load the Hugging Face export instead")
     emb = names["token_embd.weight"]
     cfg = LlamaConfig(dim=a("embedding_length"), n_layers=a("block_count"), n_heads=H,
                       n_kv_heads=a("attention.head_count_kv", H), head_dim=a("attention.key_length", 0),
                       ffn_dim=a("feed_forward_length"), vocab_size=int(emb.shape[1]),
                       norm_eps=a("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=a("rope.freq_base", 10000.0),
                       max_seq_len=a("context_length", 2048), tie_embeddings="output.weight" not in names)
-    if isinstance(H, list) or isinstance(cfg.n_kv_heads, list) or isinstance(cfg.ffn_dim, list):
-        raise ValueError(f"{path}: per-layer head or FFN counts are not read; load the Hugging Face export instead")
     kind = a("rope.scaling.type", "none")
     if kind == "linear":
         cfg.rope_scaling = {"rope_type": "linear", "factor": a("rope.scaling.factor")}
