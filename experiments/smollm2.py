@@ -261,7 +261,7 @@ def full_check(ctx: pkd.Ctx, run: Path) -> dict | None:
 def run_job(ctx: pkd.Ctx, job: Job) -> list[dict]:
     """The job's finished rows, running what is missing (nothing with --report-only or after the deadline)."""
     run = ctx.out / "runs" / job.name
-    if ctx.a.report_only or ctx.stopped:
+    if ctx.a.report_only or ctx.stopped or (ctx.a.only and job.name not in ctx.a.only):
         return [json.loads(f.read_text()) for r in rows_of(ctx.a, job) if (f := run / f"row-{r}.json").is_file()]
     run.mkdir(parents=True, exist_ok=True)
     if job.kind == "full":
@@ -744,6 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the project (see experiments/pkd.py --code) instead of the working tree")
     p.add_argument("--no-plots", action="store_true", help="skip the figure (no matplotlib needed)")
     p.add_argument("--report-only", action="store_true", help="run nothing; regenerate the report and figure")
+    p.add_argument("--only", default="", help="comma-separated job names: run only these (the rest are reported as "
+                   "they stand), e.g. to run two workers side by side with one thread each")
     return p
 
 
@@ -757,6 +759,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.extra_seeds = [int(s) for s in a.extra_seeds.split(",") if s.strip()]
     except ValueError:
         raise ValueError(f"--extra-seeds must be comma-separated integers, got {a.extra_seeds!r}") from None
+    a.only = [j for j in a.only.split(",") if j.strip()]
+    names = [j.name for j in plan(a)]
+    if unknown := [j for j in a.only if j not in names]:
+        raise ValueError(f"--only: no job named {', '.join(unknown)}; the jobs are {', '.join(names)}")
     if 0 in a.extra_seeds:
         raise ValueError("--extra-seeds: seed 0 is every job's first seed; give others")
     for name in POSITIVE:
@@ -816,6 +822,16 @@ def totals(ctx: pkd.Ctx, jobs: list[Job]) -> dict:
             "cpu_s": sum(v["cpu_s"] for v in per.values()), "runs_wall_s": sum(v["wall_s"] for v in per.values())}
 
 
+def wall_union(invocations: list[dict]) -> float:
+    """Wall seconds the invocations covered, workers that ran side by side (--only) counted once."""
+    spans = sorted((i["start"], i["start"] + i["wall_s"]) for i in invocations if "start" in i)
+    total, end = sum(i["wall_s"] for i in invocations if "start" not in i), float("-inf")
+    for s, e in spans:
+        total += max(0.0, e - max(s, end))
+        end = max(end, e)
+    return total
+
+
 def missing(a: argparse.Namespace, jobs: list[Job], rows: list[dict], full: dict | None) -> list[str]:
     done = {r["row"] for r in rows}
     out = [r for j in jobs for r in rows_of(a, j) if r not in done]
@@ -846,13 +862,13 @@ def main_run(a: argparse.Namespace) -> list[dict]:
     results_dir = Path(a.results)
     old = json.loads((results_dir / "results.json").read_text()) if (results_dir / "results.json").is_file() else {}
     invocations = old.get("invocations", []) + ([] if a.report_only else [{"wall_s": time.time() - t_start,
-                                                                            "argv": a.argv}])
+                                                                            "start": t_start, "argv": a.argv}])
     tot = totals(ctx, jobs)
     bench = ROOT / "bench" / "prune_flops.json"
     ran = [i["argv"] for i in invocations]  # the command that made the numbers, not a later --report-only
     info = {"argv": ran[-1] if ran else a.argv, "ran": bool(ran), "code": pkd.code_id(a, CODE_FILES),
             "calibration": calibration(ctx), "full": full,
-            "timing": {**tot, "wall_s": sum(i["wall_s"] for i in invocations), "invocations": len(invocations)},
+            "timing": {**tot, "wall_s": wall_union(invocations), "invocations": len(invocations)},
             "missing": missing(a, jobs, rows, full), **tot,
             "bench": json.loads(bench.read_text()) if bench.is_file() else None}
     results_dir.mkdir(parents=True, exist_ok=True)
