@@ -81,6 +81,11 @@ def read_jsonl(path, limit: int | None = None) -> list[dict]:
 
 
 @torch.no_grad()
+def heldout_ppl(model, blocks: torch.Tensor, batch_size: int, masks=None, autocast=nullcontext) -> float | None:
+    """exp(mean next-token cross-entropy) over held-out blocks (N, T); None without any."""
+    return math.exp(mean_nll(model, blocks, batch_size, masks, autocast=autocast)) if len(blocks) else None
+
+
 def mean_nll(model, windows: torch.Tensor, batch_size: int, masks=None, autocast=nullcontext,
              bar: cli.Progress | None = None) -> float:
     """Mean next-token cross-entropy over windows (N, T); a window's first token is context only."""

@@ -114,6 +114,27 @@ DEMO_DEFAULTS = dict(max_steps=240, block_size=256, batch_size=8, micro_batch_si
                      heldout_blocks=64, log_every=20, save_every=100)  # mask rates that reach the target in 240 steps
 
 
+def check_config(c):
+    """Every check of a nuteprune.RunConfig that needs no file (RunConfig.__post_init__): one line naming the flag."""
+    if not 0 < c.target < 1:
+        raise ValueError(f"--target must lie in (0, 1), got {c.target}")
+    if not 0 < c.interval < c.target or c.gap < c.interval:
+        raise ValueError(f"need 0 < --interval < --target and --gap >= --interval, got {c.interval}, {c.gap}")
+    for name in ("epochs", "batch_size", "micro_batch_size", "log_every", "save_every", "ft_batch_size",
+                 "block_size", "n_docs", "ft_epochs", "ft_max_len", "lora_rank", "round_to"):
+        if getattr(c, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(c, name)}")
+    for name in ("max_steps", "ft_max_steps"):
+        if getattr(c, name) is not None and getattr(c, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(c, name)}")
+    if c.heldout_blocks < 0 or c.eval_every < 0:
+        raise ValueError(f"--heldout-blocks and --eval-every must be at least 0, got {c.heldout_blocks}, "
+                         f"{c.eval_every}")
+    if c.distill not in ("pkd", "kd", "none"):
+        raise ValueError(f"--distill must be pkd, kd or none, got {c.distill!r}")
+    llama.parse_dtype(c.dtype, "cpu")  # names the valid values
+
+
 def check_paths(c, start: str):
     """Every file and folder a run reads or writes, checked before any is loaded (--ckpt demo is built after it)."""
     if c.ckpt != "demo":

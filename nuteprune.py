@@ -9,10 +9,10 @@ masks, LoRA) of an earlier snapshot of the student, swapped into the same weight
 OUT holds state.pt (the atomic checkpoint), log.jsonl, report.json and pruned/ (the physically smaller model).
 
 Reading order: gates and expected sparsity (Eq. 3-5), losses (Eq. 7-9), teachers (Eq. 10-11), the recipe (RunConfig),
-one pruning step, the two training loops, export, and `run()`, which wires them in the order of the paper's
-algorithm. The harness sits beside this file and is called at the edges: flags.py (the command line), runfolder.py
-(checkpoint, log, lock, signals), distributed.py (torchrun / FSDP), memory_plan.py (--plan), cli.py (progress bar,
-device and thread rules).
+one pruning step, the two training loops and the final masks. The harness sits beside this file and is called at the
+edges: runner.py (the base model, data, checkpoints, export and report, in the order of the paper's algorithm),
+flags.py (the command line), runfolder.py (checkpoint, log, lock, signals), distributed.py (torchrun / FSDP),
+memory_plan.py (--plan), cli.py (progress bar, device and thread rules).
 """
 from __future__ import annotations
 
@@ -343,24 +343,8 @@ class RunConfig:
     ft_max_len: int = 512
     ft_lora_targets: str = ",".join(PROJECTIONS)
 
-    def __post_init__(self):  # every check that needs no file: before any work (loading, building the demo)
-        if not 0 < self.target < 1:
-            raise ValueError(f"--target must lie in (0, 1), got {self.target}")
-        if not 0 < self.interval < self.target or self.gap < self.interval:
-            raise ValueError(f"need 0 < --interval < --target and --gap >= --interval, got {self.interval}, {self.gap}")
-        for name in ("epochs", "batch_size", "micro_batch_size", "log_every", "save_every", "ft_batch_size",
-                     "block_size", "n_docs", "ft_epochs", "ft_max_len", "lora_rank", "round_to"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "ft_max_steps"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.heldout_blocks < 0 or self.eval_every < 0:
-            raise ValueError(f"--heldout-blocks and --eval-every must be at least 0, got {self.heldout_blocks}, "
-                             f"{self.eval_every}")
-        if self.distill not in ("pkd", "kd", "none"):
-            raise ValueError(f"--distill must be pkd, kd or none, got {self.distill!r}")
-        llama.parse_dtype(self.dtype, "cpu")  # names the valid values
+    def __post_init__(self):
+        flags.check_config(self)  # every check that needs no file: before any work (loading, building the demo)
         if self.warmup_epochs is None:
             self.warmup_epochs = 4.0 if self.target <= 0.25 else 1.0  # METHOD.md §4
 
@@ -603,52 +587,27 @@ def snapshot_or_stage2(parts: Parts, st: RunState, now: float, heldout: torch.Te
 def student_ppl(parts: Parts, heldout: torch.Tensor, masks: Masks) -> float:
     """Held-out perplexity of the model with the student's LoRA and the given (deterministic) masks."""
     parts.model.eval()
-    ppl = heldout_ppl(parts.model, heldout, parts.c, parts.autocast, masks.to(parts.gates.lambda_1.device))
+    ppl = evaluate.heldout_ppl(parts.model, heldout, parts.c.micro_batch_size, masks.to(parts.gates.lambda_1.device),
+                               parts.autocast)
     parts.model.train()
     return ppl
 
 
-def end_pruning(parts: Parts, st: RunState, heldout: torch.Tensor | None = None) -> Parts:
+def end_pruning(parts: Parts, st: RunState, heldout: torch.Tensor | None = None):
     """Final deterministic masks within tolerance of the target (METHOD.md §2), rounded with --round-to (and what
-    that cost); with post fine-tuning, its LoRA and optimizer."""
+    that cost), and the pruning LoRA kept."""
     c = parts.c
     st.final = final_masks(parts.gates, parts.model.config, c.target, c.tolerance, c.round_to)
     st.fit = mask_fit(parts.gates, st.final, parts.model.config, c)
     if c.round_to > 1:
-        st.fit["rounding"] = rounding_report(parts, st.final, heldout)
+        plain = final_masks(parts.gates, parts.model.config, c.target, c.tolerance)  # the same gates, N = 1
+        ppl = {} if heldout is None or not len(heldout) else {
+            "ppl_rounded": student_ppl(parts, heldout, st.final), "ppl_unrounded": student_ppl(parts, heldout, plain)}
+        st.fit["rounding"] = rounding.report(st.final, plain, parts.model.config, c, expected_sparsity, ppl)
         if st.fit["rounding"]["warning"] and distributed.rank_id() == 0:
             print(f"warning: {st.fit['rounding']['warning']}", flush=True)
     st.prune_lora = distributed.cpu_lora(parts.model)
     st.phase = "finetune" if c.ft_data else "done"
-    if c.ft_data:
-        sharded = distributed.world_size() > 1
-        parts = replace(parts, model=unsharded_base(parts, st) if sharded else parts.model)
-        start_finetune(parts.model, c, parts.rng)  # merges the pruning LoRA: on whole tensors, before FSDP shards
-        if sharded:
-            distributed.shard_model(parts.model, parts.gates.lambda_1.device)
-        parts = replace(parts, optimizers=finetune_optimizer(parts.lora_weights))
-    return parts
-
-
-def rounding_report(parts: Parts, final: Masks, heldout: torch.Tensor | None) -> dict:
-    """What --round-to N cost, against the final masks of N = 1 from the same trained gates: units moved per group,
-    sparsity and held-out perplexity of both; and a warning naming what of N the final masks do not meet."""
-    c, cfg, gates = parts.c, parts.model.config, parts.gates
-    plain = final_masks(gates, cfg, c.target, c.tolerance)
-    unmet = rounding.unmet(final, cfg, c.round_to)
-    why = [f"the FFN ({cfg.ffn_dim} channels) is narrower than {c.round_to}"] * (cfg.ffn_dim < c.round_to)
-    why += [f"the hidden width ({cfg.dim}) is narrower than {c.round_to}"] * (cfg.dim < c.round_to)
-    if unmet and not why:
-        why = [f"no widths in multiples of {c.round_to} reach the target {c.target} within --tolerance "
-               f"{c.tolerance}, so the final masks are not rounded (raise --tolerance or lower --round-to)"]
-    ppl = {}
-    if heldout is not None and len(heldout):
-        ppl = {"ppl_rounded": student_ppl(parts, heldout, final), "ppl_unrounded": student_ppl(parts, heldout, plain)}
-    return {"round_to": c.round_to,
-            "units_moved": {g: int((getattr(final, g) != getattr(plain, g)).sum()) for g in MASK_GROUPS},
-            "sparsity_rounded": float(expected_sparsity(final, cfg)),
-            "sparsity_unrounded": float(expected_sparsity(plain, cfg)), **ppl, "unmet": unmet,
-            "warning": f"--round-to {c.round_to} not met: {'; '.join(unmet)} ({'; '.join(why)})" if unmet else None}
 
 
 FIT_WARN = 0.02  # 2 percentage points
@@ -725,36 +684,7 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor
     return perm[i * batch_size:(i + 1) * batch_size]
 
 # -----------------------------------------------------------------------------
-# export (METHOD.md §8) and report
-
-
-def heldout_ppl(model: llama.Llama, blocks: torch.Tensor, c: RunConfig, autocast=nullcontext,
-                masks: Masks | None = None) -> float | None:
-    """exp(mean next-token cross-entropy) over the held-out blocks (N, T); None without any."""
-    if not len(blocks):
-        return None
-    return math.exp(evaluate.mean_nll(model, blocks, c.micro_batch_size, masks, autocast=autocast))
-
-
-# -----------------------------------------------------------------------------
-# the base model, and the command (runner.py runs Algorithm 1, post fine-tuning and the export around this file)
-
-
-def load_base(c: RunConfig, device: torch.device, dtype: torch.dtype) -> tuple[llama.Llama, tokenization.Tokenizer]:
-    model, tok = checkpoint.load(c.ckpt, c.tokenizer, device, dtype)
-    if not model.config.uniform:
-        raise ValueError(f"{c.ckpt} is already pruned (per-layer sizes); start from a dense checkpoint")
-    if c.block_size > model.config.max_seq_len:
-        raise ValueError(f"--block-size {c.block_size} exceeds the model's maximum length {model.config.max_seq_len}")
-    model.gradient_checkpointing = device.type == "cuda" if c.grad_ckpt is None else c.grad_ckpt
-    return model, tok
-
-
-def unsharded_base(parts: Parts, st: RunState, ft_lora: dict | None = None) -> llama.Llama:
-    """Under torchrun: the base reloaded whole on the CPU with the pruning LoRA (and a fine-tuning LoRA)."""
-    model, _ = load_base(parts.c, torch.device("cpu"), cli.device_dtype(parts.c.device, parts.c.dtype)[1])
-    attach_lora(model, parts.c, {"lora": st.prune_lora, "ft_lora": ft_lora}, torch.Generator())  # values: loaded
-    return model
+# the command (runner.py loads the base, runs Algorithm 1 and post fine-tuning with their checkpoints, and exports)
 
 
 def main(argv=None):

@@ -140,3 +140,20 @@ def unmet(m: Masks, cfg: llama.LlamaConfig, N: int) -> list[str]:
     if uneven:
         unmet.append("uneven query groups in layers " + ", ".join(map(str, uneven)))
     return unmet
+
+
+def report(final: Masks, plain: Masks, cfg: llama.LlamaConfig, c, sparsity, ppl: dict) -> dict:
+    """What --round-to N cost, against the final masks `plain` of N = 1 from the same trained gates: units moved per
+    group, sparsity (Eq. 5, `sparsity`) and held-out perplexity (`ppl`) of both; and a warning naming what of N the
+    final masks do not meet, and why."""
+    missed = unmet(final, cfg, c.round_to)
+    why = [f"the FFN ({cfg.ffn_dim} channels) is narrower than {c.round_to}"] * (cfg.ffn_dim < c.round_to)
+    why += [f"the hidden width ({cfg.dim}) is narrower than {c.round_to}"] * (cfg.dim < c.round_to)
+    if missed and not why:
+        why = [f"no widths in multiples of {c.round_to} reach the target {c.target} within --tolerance "
+               f"{c.tolerance}, so the final masks are not rounded (raise --tolerance or lower --round-to)"]
+    return {"round_to": c.round_to,
+            "units_moved": {g: int((getattr(final, g) != getattr(plain, g)).sum()) for g in llama.MASK_GROUPS},
+            "sparsity_rounded": float(sparsity(final, cfg)), "sparsity_unrounded": float(sparsity(plain, cfg)), **ppl,
+            "unmet": missed,
+            "warning": f"--round-to {c.round_to} not met: {'; '.join(missed)} ({'; '.join(why)})" if missed else None}

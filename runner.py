@@ -15,9 +15,27 @@ import checkpoint
 import cli
 import data
 import distributed
+import evaluate
 import llama
 import runfolder
 import tokenization
+
+
+def load_base(c, device: torch.device, dtype: torch.dtype) -> tuple[llama.Llama, tokenization.Tokenizer]:
+    model, tok = checkpoint.load(c.ckpt, c.tokenizer, device, dtype)
+    if not model.config.uniform:
+        raise ValueError(f"{c.ckpt} is already pruned (per-layer sizes); start from a dense checkpoint")
+    if c.block_size > model.config.max_seq_len:
+        raise ValueError(f"--block-size {c.block_size} exceeds the model's maximum length {model.config.max_seq_len}")
+    model.gradient_checkpointing = device.type == "cuda" if c.grad_ckpt is None else c.grad_ckpt
+    return model, tok
+
+
+def unsharded_base(m, parts, st, ft_lora: dict | None = None) -> llama.Llama:
+    """Under torchrun: the base reloaded whole on the CPU with the pruning LoRA (and a fine-tuning LoRA)."""
+    model, _ = load_base(parts.c, torch.device("cpu"), cli.device_dtype(parts.c.device, parts.c.dtype)[1])
+    m.attach_lora(model, parts.c, {"lora": st.prune_lora, "ft_lora": ft_lora}, torch.Generator())  # values: loaded
+    return model
 
 
 def read_data(c, tok: tokenization.Tokenizer) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -45,7 +63,7 @@ def setup(m, c, saved: dict | None):
     runfolder.seed_all(c.seed)
     rng = torch.Generator().manual_seed(c.seed)  # Parts.rng
     sharded = distributed.world_size() > 1
-    model, tok = m.load_base(c, torch.device("cpu") if sharded else device, dtype)  # FSDP moves the shards
+    model, tok = load_base(c, torch.device("cpu") if sharded else device, dtype)  # FSDP moves the shards
     if device.type == "cpu":
         cli.cpu_threads(llama.count_params(model))
     gates = m.Gates(model.config, rng).to(device)  # its initialisation draws from the run's stream before LoRA's
@@ -74,10 +92,11 @@ def run(m, c, start: str = "new") -> dict | None:
     sched = m.Schedule.of(c, len(blocks), len(examples))
     with runfolder.open_run(out, st, saved, start, c) as (log, ckpt):
         if saved is None:
-            st.ppl_before = m.heldout_ppl(parts.model, heldout, c, parts.autocast)
+            st.ppl_before = evaluate.heldout_ppl(parts.model, heldout, c.micro_batch_size, autocast=parts.autocast)
         if st.phase == "prune":
             m.prune(parts, st, blocks, heldout, sched, log, ckpt)
-            parts = m.end_pruning(parts, st, heldout)
+            m.end_pruning(parts, st, heldout)
+            parts = to_finetune(m, parts, st) if c.ft_data else parts
             ckpt.save(parts)
         if st.phase == "finetune":
             m.finetune(parts, st, examples, sched, max(tok.eos_id, 0), log, ckpt)
@@ -85,6 +104,18 @@ def run(m, c, start: str = "new") -> dict | None:
             ckpt.save(parts)
         model = model_to_export(m, parts, st)
         return export_and_report(m, replace(parts, model=model), st, out, tok, heldout) if model is not None else None
+
+
+def to_finetune(m, parts, st):
+    """Post fine-tuning's LoRA and optimizer (METHOD.md §7). The pruning LoRA is merged on whole tensors: under
+    torchrun into the base reloaded on the CPU, sharded again afterwards."""
+    sharded = distributed.world_size() > 1
+    model = unsharded_base(m, parts, st) if sharded else parts.model
+    m.start_finetune(model, parts.c, parts.rng)
+    if sharded:
+        distributed.shard_model(model, parts.gates.lambda_1.device)
+    parts = replace(parts, model=model)
+    return replace(parts, optimizers=m.finetune_optimizer(parts.lora_weights))
 
 
 def model_to_export(m, parts, st) -> llama.Llama | None:
@@ -95,7 +126,7 @@ def model_to_export(m, parts, st) -> llama.Llama | None:
     current = distributed.cpu_lora(parts.model)  # every rank takes part in the gather
     if distributed.rank_id() != 0:
         return None
-    return m.unsharded_base(parts, st, ft_lora=current if parts.c.ft_data else None)
+    return unsharded_base(m, parts, st, ft_lora=current if parts.c.ft_data else None)
 
 
 def export_and_report(m, parts, st, out: Path, tok: tokenization.Tokenizer,
@@ -114,7 +145,7 @@ def export_and_report(m, parts, st, out: Path, tok: tokenization.Tokenizer,
         "layers": [{"heads": h, "kv_heads": kv, "ffn": f}
                    for h, kv, f in zip(cfg_pruned.heads, cfg_pruned.kv_heads, cfg_pruned.ffn)],
         "heldout_tokens": heldout.numel(), "ppl_before": st.ppl_before,
-        "ppl_after": m.heldout_ppl(pruned, heldout, c, parts.autocast),
+        "ppl_after": evaluate.heldout_ppl(pruned, heldout, c.micro_batch_size, autocast=parts.autocast),
         "steps": st.step, "ft_steps": st.ft_step, "snapshots": len(st.snapshots), "stage2_start": st.stage2_start,
         "lambda_1": parts.gates.lambda_1.item(), "lambda_2": parts.gates.lambda_2.item(),
         **(st.fit or {}), "skipped_steps": st.skipped, "resumes": st.resumes, "wall_time_s": st.elapsed(),

@@ -235,7 +235,7 @@ def cached_scores(a: argparse.Namespace, model: llama.Llama, blocks: torch.Tenso
 
 def heldout_ppl(model: llama.Llama, heldout: torch.Tensor) -> float | None:
     import evaluate
-    return math.exp(evaluate.mean_nll(model, heldout, 4)) if len(heldout) else None
+    return evaluate.heldout_ppl(model, heldout, 4)
 
 
 def one_shot(a: argparse.Namespace, model: llama.Llama, blocks, heldout) -> tuple[dict, llama.Llama]:

@@ -206,6 +206,7 @@ def export_before_ft(ctx: pkd.Ctx, run: Path) -> bool:
         return False
     import checkpoint
     import data
+    import evaluate
     import llama
     import nuteprune
     import runfolder
@@ -217,7 +218,7 @@ def export_before_ft(ctx: pkd.Ctx, run: Path) -> bool:
     llama.load_lora_state(model, state["lora"])
     checkpoint.export_pruned(model.eval(), llama.Masks(**state["final_masks"]), run / "pruned-noft", tok)
     heldout = data.calibration_blocks(c.data, tok, c.n_docs, c.block_size, c.cache_dir)[-c.heldout_blocks:]
-    ppl = nuteprune.heldout_ppl(checkpoint.load_model(run / "pruned-noft"), heldout, c)
+    ppl = evaluate.heldout_ppl(checkpoint.load_model(run / "pruned-noft"), heldout, c.micro_batch_size)
     add_time(run, {"what": "export", "cmd": ["(in experiments/smollm2.py) export_before_ft"], "exit": 0,
                    "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0,
                    "code": pkd.code_id(ctx.a, CODE_FILES)})
