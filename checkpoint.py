@@ -340,7 +340,10 @@ def read_checkpoint(path, dtype: torch.dtype | None = None) -> tuple[LlamaConfig
     return _llama2c_bin(p)
 
 
-def load_model(path, device="cpu", dtype=torch.float32) -> Llama:
+def load_model(path, device="cpu", dtype=torch.float32, as_stored: bool = False) -> Llama:
+    """as_stored: the weights keep the file's dtype (memory-mapped where the format allows: safetensors, PyTorch
+    .bin, not converted; a GGUF is dequantised into dtype), for a caller that converts them piece by piece
+    (distributed.shard_model)."""
     cfg, state = read_checkpoint(path, dtype)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
@@ -355,7 +358,7 @@ def load_model(path, device="cpu", dtype=torch.float32) -> Llama:
         if state[k].shape != shape:
             raise ValueError(f"{path}: '{k}' has shape {tuple(state[k].shape)}, config implies {tuple(shape)}")
     # .to() is a no-op (no copy) when dtype and device already match, so mmap-backed tensors stay shared
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    state = {k: v.to(device=device, dtype=None if as_stored else dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -384,8 +387,8 @@ def find_tokenizer(ckpt_path, tokenizer_path=None) -> Tokenizer:
                      "pass --tokenizer PATH")
 
 
-def load(path, tokenizer=None, device="cpu", dtype=torch.float32) -> tuple[Llama, Tokenizer]:
-    model = load_model(path, device, dtype)
+def load(path, tokenizer=None, device="cpu", dtype=torch.float32, as_stored: bool = False) -> tuple[Llama, Tokenizer]:
+    model = load_model(path, device, dtype, as_stored)
     tok = find_tokenizer(path, tokenizer)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocabulary is "
@@ -495,8 +498,10 @@ def write_hf(out_dir, tensors, cfg: LlamaConfig, dtype: torch.dtype, tokenizer: 
 
 
 def export_pruned(model: Llama, masks: Masks, out_dir, tokenizer: Tokenizer | None = None,
-                  shard_bytes: int = SHARD_BYTES) -> LlamaConfig:
-    """The pruned model (llama.prune_model's) written layer by layer at the base dtype: never whole, never in fp32."""
+                  shard_bytes: int = SHARD_BYTES, dtype: torch.dtype | None = None) -> LlamaConfig:
+    """The pruned model (llama.prune_model's) written layer by layer in dtype (default: the base's): never whole,
+    never in fp32."""
     cfg = pruned_config(model.config, masks)
-    write_hf(out_dir, pruned_state(model, masks), cfg, model.model.embed_tokens.weight.dtype, tokenizer, shard_bytes)
+    dtype = dtype or model.model.embed_tokens.weight.dtype
+    write_hf(out_dir, pruned_state(model, masks, dtype), cfg, dtype, tokenizer, shard_bytes)
     return cfg

@@ -6,6 +6,7 @@ below is then the identity (or 1, or 0).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
@@ -45,14 +46,45 @@ def check_batch_sizes(**sizes: int):
             raise ValueError(f"--{flag.replace('_', '-')} {size} does not split evenly over {world_size()} ranks")
 
 
-def shard_model(model: llama.Llama, device: torch.device):
-    """FSDP2: every decoder layer its own unit, then the root (embeddings, final norm, LM head)."""
+def shard_model(model: llama.Llama, device: torch.device, dtype: torch.dtype | None = None):
+    """FSDP2: every decoder layer its own unit, then the root (embeddings, final norm, LM head). dtype: the frozen
+    base was loaded as stored (memory-mapped, not converted); each unit's weights are cast to dtype just before it is
+    sharded, so a rank holds its shards and at most one converted layer, never a whole converted copy."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(device.type, (world_size(),))
     for layer in model.model.layers:
+        cast_frozen_(layer, dtype)
         fully_shard(layer, mesh=mesh)
+        release_freed_memory()
+    cast_frozen_(model, dtype)  # what is left: the layers' weights are sharded already, in dtype
     fully_shard(model, mesh=mesh)
+    release_freed_memory()
+
+
+def release_freed_memory():
+    """Hand memory freed on the heap back to the system (glibc's malloc_trim; elsewhere nothing). glibc keeps freed
+    blocks of a few MB for reuse, so without this each layer's converted copy, freed once the layer is sharded, stays
+    counted in the process (measured: bench/host_memory.py)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def cast_frozen_(module: torch.nn.Module, dtype: torch.dtype | None):
+    """Frozen weights (not LoRA's, not buffers) cast to dtype in place; a weight shared by two modules (tied
+    embeddings) stays shared."""
+    if dtype is None:
+        return
+    cast = {}
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None or p.requires_grad or p.dtype == dtype:
+                continue
+            if id(p) not in cast:
+                cast[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+            mod._parameters[name] = cast[id(p)]
 
 
 def local_share(batch):

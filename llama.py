@@ -209,8 +209,10 @@ class LoRALinear(nn.Module):
         # LoRA path in fp32 master weights, cast to the activation dtype (autocast handles mixed precision)
         return y + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * self.scale
 
-    def merged_weight(self) -> torch.Tensor:
-        return (self.weight.float() + self.scale * self.lora_b.float() @ self.lora_a.float()).to(self.weight.dtype)
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W + (alpha / rank) B A, in dtype (default: the weight's); a weight stored in another dtype is cast first."""
+        dtype = dtype or self.weight.dtype
+        return (self.weight.to(dtype).float() + self.scale * self.lora_b.float() @ self.lora_a.float()).to(dtype)
 
 
 class Attention(nn.Module):
@@ -463,13 +465,15 @@ def parse_dtype(name: str, device_type: str) -> torch.dtype:
 # physical pruning (METHOD.md §8)
 
 
-def _weight(mod) -> torch.Tensor:  # effective fp32 weight: LoRA merged
-    return (mod.merged_weight() if isinstance(mod, LoRALinear) else mod.weight).detach().float().cpu()
+def _weight(mod, dtype: torch.dtype | None = None) -> torch.Tensor:  # effective fp32 weight: LoRA merged, in dtype
+    w = mod.merged_weight(dtype) if isinstance(mod, LoRALinear) else mod.weight
+    return w.detach().to(dtype or w.dtype).float().cpu()
 
 
-def _prune_layer(layer, kv_map: list[int], z_head, z_int, keep_d, zd, norm_scale: float, dh: int):
+def _prune_layer(layer, kv_map: list[int], z_head, z_int, keep_d, zd, norm_scale: float, dh: int,
+                 dtype: torch.dtype | None = None):
     """One decoder layer's tensors with pruned heads, K/V heads, FFN channels and hidden dims removed and the kept
-    gate values folded in; and its kept K/V heads (in order)."""
+    gate values folded in; and its kept K/V heads (in order). dtype: each weight is read as if stored in it."""
     a, m = layer.self_attn, layer.mlp
     kh = z_head.nonzero().squeeze(1).tolist()  # kept query heads
     kkv = sorted({kv_map[h] for h in kh})  # a K/V head survives if any head of its group does
@@ -477,15 +481,16 @@ def _prune_layer(layer, kv_map: list[int], z_head, z_int, keep_d, zd, norm_scale
     q_rows, kv_rows = rows(kh), rows(kkv)
     head_scale = z_head.repeat_interleave(dh)[q_rows]  # soft head gates fold into o_proj's columns
     ki = z_int.nonzero().squeeze(1)
-    norm = lambda mod: mod.weight.detach().float().cpu()[keep_d] * norm_scale  # noqa: E731
+    norm = lambda mod: _weight(mod, dtype)[keep_d] * norm_scale  # noqa: E731
+    w = lambda mod: _weight(mod, dtype)  # noqa: E731
     return {
-        "self_attn.q_proj.weight": _weight(a.q_proj)[q_rows][:, keep_d],
-        "self_attn.k_proj.weight": _weight(a.k_proj)[kv_rows][:, keep_d],
-        "self_attn.v_proj.weight": _weight(a.v_proj)[kv_rows][:, keep_d],
-        "self_attn.o_proj.weight": (_weight(a.o_proj)[keep_d][:, q_rows] * head_scale) * zd[:, None],
-        "mlp.gate_proj.weight": _weight(m.gate_proj)[ki][:, keep_d],
-        "mlp.up_proj.weight": _weight(m.up_proj)[ki][:, keep_d],
-        "mlp.down_proj.weight": (_weight(m.down_proj)[keep_d][:, ki] * z_int[ki]) * zd[:, None],
+        "self_attn.q_proj.weight": w(a.q_proj)[q_rows][:, keep_d],
+        "self_attn.k_proj.weight": w(a.k_proj)[kv_rows][:, keep_d],
+        "self_attn.v_proj.weight": w(a.v_proj)[kv_rows][:, keep_d],
+        "self_attn.o_proj.weight": (w(a.o_proj)[keep_d][:, q_rows] * head_scale) * zd[:, None],
+        "mlp.gate_proj.weight": w(m.gate_proj)[ki][:, keep_d],
+        "mlp.up_proj.weight": w(m.up_proj)[ki][:, keep_d],
+        "mlp.down_proj.weight": (w(m.down_proj)[keep_d][:, ki] * z_int[ki]) * zd[:, None],
         "input_layernorm.weight": norm(layer.input_layernorm),
         "post_attention_layernorm.weight": norm(layer.post_attention_layernorm),
     }, kkv
@@ -525,25 +530,27 @@ def pruned_config(cfg: LlamaConfig, masks: Masks) -> LlamaConfig:
 
 
 @torch.no_grad()
-def pruned_state(model: Llama, masks: Masks):
+def pruned_state(model: Llama, masks: Masks, dtype: torch.dtype | None = None):
     """prune_model's tensors, yielded as (name, tensor) one group at a time (the embeddings, final norm and LM head,
-    then each decoder layer), at the base dtype on the CPU: one layer is in fp32 at a time, never the whole model."""
+    then each decoder layer), in dtype (default: the base's) on the CPU: one layer is in fp32 at a time, never the whole
+    model. A base kept in another dtype (as stored) is read tensor by tensor as if converted to dtype."""
     cfg = model.config
     new = pruned_config(cfg, masks)
     z_head, z_int, z_hid = _fp32_masks(cfg, masks)
     keep_d = z_hid.nonzero().squeeze(1)  # kept hidden dims, (D',)
     zd = z_hid[keep_d]
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = dtype or model.model.embed_tokens.weight.dtype
     # A standard RMSNorm over D' kept dims reproduces the masked one (mean over D): weight * sqrt(D/D'), eps * D/D'.
     norm_scale = math.sqrt(cfg.dim / keep_d.numel())
-    emb = model.model.embed_tokens.weight.detach().float().cpu()
+    emb = _weight(model.model.embed_tokens, dtype)
     yield "model.embed_tokens.weight", ((emb * z_hid)[:, keep_d]).to(dtype)
     del emb
-    yield "model.norm.weight", (model.model.norm.weight.detach().float().cpu()[keep_d] * norm_scale).to(dtype)
+    yield "model.norm.weight", (_weight(model.model.norm, dtype)[keep_d] * norm_scale).to(dtype)
     if not new.tie_embeddings:
-        yield "lm_head.weight", _weight(model.lm_head)[:, keep_d].to(dtype)
+        yield "lm_head.weight", _weight(model.lm_head, dtype)[:, keep_d].to(dtype)
     for i, layer in enumerate(model.model.layers):
-        layer_state, _ = _prune_layer(layer, cfg.kv_map[i], z_head[i], z_int[i], keep_d, zd, norm_scale, cfg.head_dim)
+        layer_state, _ = _prune_layer(layer, cfg.kv_map[i], z_head[i], z_int[i], keep_d, zd, norm_scale, cfg.head_dim,
+                                      dtype)
         for k, v in layer_state.items():
             yield f"model.layers.{i}.{k}", v.to(dtype)
 

@@ -21,8 +21,9 @@ import runfolder
 import tokenization
 
 
-def load_base(c, device: torch.device, dtype: torch.dtype) -> tuple[llama.Llama, tokenization.Tokenizer]:
-    model, tok = checkpoint.load(c.ckpt, c.tokenizer, device, dtype)
+def load_base(c, device: torch.device, dtype: torch.dtype,
+              as_stored: bool = False) -> tuple[llama.Llama, tokenization.Tokenizer]:
+    model, tok = checkpoint.load(c.ckpt, c.tokenizer, device, dtype, as_stored)
     if not model.config.uniform:
         raise ValueError(f"{c.ckpt} is already pruned (per-layer sizes); start from a dense checkpoint")
     if c.block_size > model.config.max_seq_len:
@@ -32,9 +33,16 @@ def load_base(c, device: torch.device, dtype: torch.dtype) -> tuple[llama.Llama,
 
 
 def unsharded_base(m, parts, st, ft_lora: dict | None = None) -> llama.Llama:
-    """Under torchrun: the base reloaded whole on the CPU with the pruning LoRA (and a fine-tuning LoRA)."""
-    model, _ = load_base(parts.c, torch.device("cpu"), cli.device_dtype(parts.c.device, parts.c.dtype)[1])
-    m.attach_lora(model, parts.c, {"lora": st.prune_lora, "ft_lora": ft_lora}, torch.Generator())  # values: loaded
+    """Under torchrun: the base reloaded whole on the CPU as stored (memory-mapped), with the pruning LoRA (and a
+    fine-tuning LoRA). Only the weights under the pruning LoRA are converted to the run's dtype, for the merge of
+    post fine-tuning; shard_model casts the rest layer by layer, the export tensor by tensor."""
+    c, dtype = parts.c, cli.device_dtype(parts.c.device, parts.c.dtype)[1]
+    model, _ = load_base(c, torch.device("cpu"), dtype, as_stored=True)
+    targets = set() if c.no_lora else set(c.lora_targets.split(","))
+    for name, mod in model.named_modules():
+        if name.rpartition(".")[2] in targets:
+            distributed.cast_frozen_(mod, dtype)
+    m.attach_lora(model, c, {"lora": st.prune_lora, "ft_lora": ft_lora}, torch.Generator())  # values: loaded
     return model
 
 
@@ -63,13 +71,16 @@ def setup(m, c, saved: dict | None):
     runfolder.seed_all(c.seed)
     rng = torch.Generator().manual_seed(c.seed)  # Parts.rng
     sharded = distributed.world_size() > 1
-    model, tok = load_base(c, torch.device("cpu") if sharded else device, dtype)  # FSDP moves the shards
+    # Under torchrun the base stays as stored (memory-mapped) on the CPU: shard_model casts, moves and shards it layer
+    # by layer. A run resumed in post fine-tuning merges its pruning LoRA at load, into weights of the run's dtype.
+    as_stored = sharded and (saved is None or saved["ft_lora"] is None)
+    model, tok = load_base(c, torch.device("cpu") if sharded else device, dtype, as_stored)
     if device.type == "cpu":
         cli.cpu_threads(llama.count_params(model))
     gates = m.Gates(model.config, rng).to(device)  # its initialisation draws from the run's stream before LoRA's
     m.attach_lora(model, c, saved, rng)
     if sharded:
-        distributed.shard_model(model, device)
+        distributed.shard_model(model, device, dtype)
     st = m.RunState() if saved is None else m.RunState.from_saved(saved)
     lora_weights = list(llama.lora_state(model).values())
     optimizers = m.prune_optimizer(gates, lora_weights) if st.phase == "prune" else m.finetune_optimizer(lora_weights)
@@ -108,12 +119,12 @@ def run(m, c, start: str = "new") -> dict | None:
 
 def to_finetune(m, parts, st):
     """Post fine-tuning's LoRA and optimizer (METHOD.md §7). The pruning LoRA is merged on whole tensors: under
-    torchrun into the base reloaded on the CPU, sharded again afterwards."""
+    torchrun into the base reloaded on the CPU as stored (unsharded_base), then cast and sharded layer by layer."""
     sharded = distributed.world_size() > 1
     model = unsharded_base(m, parts, st) if sharded else parts.model
     m.start_finetune(model, parts.c, parts.rng)
     if sharded:
-        distributed.shard_model(model, parts.gates.lambda_1.device)
+        distributed.shard_model(model, parts.gates.lambda_1.device, cli.device_dtype(parts.c.device, parts.c.dtype)[1])
     parts = replace(parts, model=model)
     return replace(parts, optimizers=m.finetune_optimizer(parts.lora_weights))
 
@@ -132,8 +143,9 @@ def model_to_export(m, parts, st) -> llama.Llama | None:
 def export_and_report(m, parts, st, out: Path, tok: tokenization.Tokenizer,
                       heldout: torch.Tensor) -> dict:
     model, c = parts.model.eval(), parts.c
-    cfg_pruned = checkpoint.export_pruned(model, st.final, out / "pruned", tok)
-    pruned = checkpoint.load_model(out / "pruned", *cli.device_dtype(c.device, c.dtype))
+    device, dtype = cli.device_dtype(c.device, c.dtype)
+    cfg_pruned = checkpoint.export_pruned(model, st.final, out / "pruned", tok, dtype=dtype)  # under torchrun: as stored
+    pruned = checkpoint.load_model(out / "pruned", device, dtype)
     report = {
         "target": c.target,
         "sparsity": 1 - llama.prunable_tensors(pruned) / llama.prunable_tensors(model),

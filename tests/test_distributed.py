@@ -197,12 +197,51 @@ def test_fp16_two_ranks_equal_one_process(files, tmp_path):
     the same masks, snapshots and scaler. The values agree to fp16's resolution, not fp32's: the CPU's matmul differs
     by one ulp between FSDP's gathered weights and plain tensors (also in fp32, where that is 6e-8), an fp16 ulp is
     5e-4, and --lr-mask 1 with Adam's normalised steps carries it into log_alpha."""
-    flags = ("--max-steps", "16", "--dtype", "fp16")
+    flags = ("--max-steps", "16", "--dtype", "fp16", *ft(files))  # stored in fp32: every rank casts layer by layer
     npr.main(args(files, tmp_path / "one", *flags))
     p = torchrun(args(files, tmp_path / "two", *flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
     a, b = load(tmp_path / "one"), load(tmp_path / "two")
     assert a["scaler"] is not None and a["scaler"] == b["scaler"]
-    assert a["stage2_start"] is not None
+    assert a["stage2_start"] is not None and a["ft_lora"] is not None
     assert_same_run(a, b, atol=5e-3)
+    # the export: rank 0 reloads the base as stored (fp32) and casts it tensor by tensor to the run's fp16
+    import checkpoint
+    one, two = (checkpoint.load_model(tmp_path / x / "pruned", dtype=None) for x in ("one", "two"))
+    assert one.config == two.config
+    for (k, x), (_, y) in zip(one.state_dict().items(), two.state_dict().items()):
+        assert x.dtype == y.dtype == torch.float16, k
+        torch.testing.assert_close(x.float(), y.float(), atol=2e-2, rtol=0)
+
+
+def test_cast_frozen_casts_the_base_only_and_keeps_tied_weights_tied():
+    model = llama.Llama(llama.LlamaConfig(dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=24, vocab_size=32,
+                                          tie_embeddings=True))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    llama.add_lora(model, ["q_proj", "v_proj"], 4, 4.0, torch.Generator().manual_seed(0))
+    buffers = {k: v.dtype for k, v in model.named_buffers()}
+    distributed.cast_frozen_(model, torch.bfloat16)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    for k, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if "lora_" in k else torch.bfloat16), k
+    assert {k: v.dtype for k, v in model.named_buffers()} == buffers
+
+
+def test_export_of_a_base_kept_as_stored_equals_the_converted_ones(files, tmp_path):
+    """What rank 0 exports under torchrun (the base as stored, cast tensor by tensor, LoRA merged in the run's dtype)
+    is byte for byte what a process that loaded the base converted exports."""
+    import checkpoint
+    masks = llama.Masks(torch.tensor([[1.0, 0, 0.5, 1], [0, 1, 1, 1]]), torch.rand(2, 48, generator=torch.Generator()
+                        .manual_seed(1)).round(), torch.ones(32).index_fill(0, torch.tensor([3, 7]), 0.0))
+    outs = []
+    for as_stored in (False, True):
+        model = checkpoint.load_model(files / "model", dtype=torch.bfloat16, as_stored=as_stored)
+        llama.add_lora(model, ["q_proj", "v_proj"], 4, 4.0, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for k, p in llama.lora_state(model).items():
+                p.normal_(generator=torch.Generator().manual_seed(len(k)))
+        checkpoint.export_pruned(model, masks, tmp_path / str(as_stored), dtype=torch.bfloat16)
+        outs.append((tmp_path / str(as_stored) / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1]

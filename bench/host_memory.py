@@ -1,0 +1,146 @@
+"""Host memory per rank while torchrun loads and shards the base (issue 18: no rank holds a whole converted copy).
+
+Writes a synthetic HF checkpoint in fp16 (random LLaMA, ~0.62 GB by default: 24 layers of width 1024, a vocabulary of 8,000, so that the decoder layers hold 95% of the weights as in a 7B) and loads it as bf16, as a GPU run of a
+LLaMA-2 checkpoint does, the way nuteprune.py's setup does: the base, the pruning LoRA, then FSDP2's sharding (gloo,
+on the CPU). Three loads, each in fresh processes:
+  - 1 process: the whole model converted (what a single-process run holds);
+  - 2 ranks, converted then sharded: every rank converts the whole model, then keeps its shards (the old load);
+  - 2 ranks, cast per layer: the base stays memory-mapped as stored and each layer is cast just before FSDP shards
+    it (distributed.shard_model's dtype; the load now).
+A thread in each process samples /proc/self/smaps_rollup every 2 ms; reported per rank, above the process's baseline
+(torch imported, process group up): peak anonymous memory (what the process allocated: converted copies, shards),
+peak PSS (anonymous plus its share of the memory-mapped file's pages) and peak USS (pages no other process maps),
+and the same after loading.
+
+    python bench/host_memory.py [--dir /tmp/nuteprune_bench_hostmem] [--layers 24] [--vocab 8000] [--json bench/host_memory.json]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODES = {"1 process": (1, "converted"), "2 ranks, converted then sharded": (2, "converted"),
+         "2 ranks, cast per layer": (2, "per-layer")}
+
+
+def smaps() -> dict:
+    """MB of the process: anonymous, PSS, RSS and USS (private clean + private dirty)."""
+    kb = {}
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[2] == "kB":
+                kb[parts[0].rstrip(":")] = int(parts[1])
+    return {"anon": kb.get("Anonymous", 0) / 1024, "pss": kb.get("Pss", 0) / 1024, "rss": kb.get("Rss", 0) / 1024,
+            "uss": (kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)) / 1024}
+
+
+class Sampler(threading.Thread):
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.base, self.peak, self.done = smaps(), {}, False
+
+    def run(self):
+        while not self.done:
+            for k, v in smaps().items():
+                self.peak[k] = max(self.peak.get(k, 0.0), v - self.base[k])
+            time.sleep(0.002)
+
+    def stop(self) -> dict:
+        self.done = True
+        self.join()
+        now = smaps()
+        return {"peak": self.peak, "after": {k: now[k] - self.base[k] for k in now}}
+
+
+def worker(a):
+    import torch
+
+    import checkpoint
+    import distributed
+    import nuteprune as npr
+    distributed.init(torch.device("cpu"))
+    sampler = Sampler()
+    sampler.start()
+    dtype, sharded = torch.bfloat16, distributed.world_size() > 1
+    c = npr.RunConfig(ckpt=a.ckpt, target=0.5, device="cpu", dtype="bf16")
+    model = checkpoint.load_model(a.ckpt, "cpu", dtype, as_stored=sharded and a.worker == "per-layer")
+    npr.attach_lora(model, c, None, torch.Generator().manual_seed(0))
+    if sharded:
+        distributed.shard_model(model, torch.device("cpu"), dtype if a.worker == "per-layer" else None)
+    import gc
+    gc.collect()
+    rec = sampler.stop()
+    Path(a.out, f"rank{distributed.rank_id()}.json").write_text(json.dumps(rec))
+    distributed.finish()
+
+
+def make_checkpoint(folder: Path, layers: int, vocab: int) -> int:
+    import torch
+
+    import checkpoint
+    import llama
+    cfg = llama.LlamaConfig(dim=1024, n_layers=layers, n_heads=16, n_kv_heads=16, ffn_dim=2816, vocab_size=vocab)
+    if not (folder / "model.safetensors").exists() or checkpoint.check_checkpoint(folder, False) != cfg:
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = llama.Llama(cfg)
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(std=0.02)
+        checkpoint.save_model(model.half(), folder)
+        del model
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def run_mode(ckpt: Path, ranks: int, mode: str) -> list[dict]:
+    with tempfile.TemporaryDirectory() as out:
+        argv = [str(Path(__file__).resolve()), "--worker", mode, "--ckpt", str(ckpt), "--out", out]
+        cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
+               if ranks > 1 else [sys.executable]) + argv
+        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dir", default="/tmp/nuteprune_bench_hostmem", help="where the synthetic checkpoint goes")
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        return worker(a)
+    folder = Path(a.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    size_mb = make_checkpoint(folder, a.layers, a.vocab) / 2**20  # fp16 on disk = the bf16 model's size
+    results = {"checkpoint_mb": size_mb, "modes": {}}
+    print(f"checkpoint: {size_mb:.0f} MB fp16 on disk, loaded as bf16 ({size_mb:.0f} MB converted, "
+          f"{size_mb / 2:.0f} MB per rank's half)")
+    print(f"{'load':34s} {'rank':>4s} {'peak anon':>10s} {'peak PSS':>9s} {'peak USS':>9s} {'anon after':>11s} "
+          f"{'peak anon / model':>18s}")
+    for name, (ranks, mode) in MODES.items():
+        recs = run_mode(folder, ranks, mode)
+        results["modes"][name] = recs
+        for r, rec in enumerate(recs):
+            pk = rec["peak"]
+            print(f"{name:34s} {r:4d} {pk['anon']:8.0f}MB {pk['pss']:7.0f}MB {pk['uss']:7.0f}MB "
+                  f"{rec['after']['anon']:9.0f}MB {pk['anon'] / size_mb:17.2f}x")
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
