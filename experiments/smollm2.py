@@ -745,8 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the project (see experiments/pkd.py --code) instead of the working tree")
     p.add_argument("--no-plots", action="store_true", help="skip the figure (no matplotlib needed)")
     p.add_argument("--report-only", action="store_true", help="run nothing; regenerate the report and figure")
-    p.add_argument("--only", default="", help="comma-separated job names: run only these (the rest are reported as "
-                   "they stand), e.g. to run two workers side by side with one thread each")
+    p.add_argument("--only", default="", help="comma-separated job names: run only these, in this order (the rest "
+                   "are reported as they stand), e.g. to run two workers side by side with one thread each")
     return p
 
 
@@ -854,6 +854,8 @@ def main_run(a: argparse.Namespace) -> list[dict]:
     t_start = time.time()
     ctx = start(a, t_start)
     jobs, rows = plan(a), []
+    if a.only:  # their order first, then the rest (reported as they stand)
+        jobs = sorted(jobs, key=lambda j: a.only.index(j.name) if j.name in a.only else len(a.only))
     for job in jobs:
         if not a.report_only and ctx.late():
             ctx.stopped = True
