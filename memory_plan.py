@@ -33,6 +33,12 @@ def snapshot_bytes(cfg: llama.LlamaConfig, targets, lora_rank: int) -> int:
     return 4 * (gate_param_count(cfg) + lora_param_count(cfg, targets, lora_rank))
 
 
+def layer_params(cfg: llama.LlamaConfig) -> tuple[int, int]:
+    """Weights of one decoder layer, and of the root (embeddings, LM head unless tied, final norm)."""
+    D, qkv = cfg.dim, (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+    return D * qkv + 3 * D * cfg.ffn_dim + 2 * D, cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2) + D
+
+
 def static_bytes(cfg: llama.LlamaConfig, b: int, targets, lora_rank: int, distill: str, world: int) -> dict[str, float]:
     """What lives on a device for the whole step. Under FSDP the base and LoRA (with its gradient and moments) are
     sharded over the ranks, and the unit being computed is gathered whole: one decoder layer, the next one
@@ -45,8 +51,7 @@ def static_bytes(cfg: llama.LlamaConfig, b: int, targets, lora_rank: int, distil
            # each LoRA module's frozen teacher slot (fp32, whole on every rank); pkd: the teacher's masks
            "teacher slot": 4 * n_lora + (4 * n_gate if distill == "pkd" else 0)}
     if world > 1:
-        D, qkv = cfg.dim, (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
-        layer, root = D * qkv + 3 * D * cfg.ffn_dim + 2 * D, cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2) + D
+        layer, root = layer_params(cfg)
         out["FSDP gathered (2 layers + root)"] = (2 * layer + root) * b
     return out
 
@@ -97,6 +102,31 @@ def memory_plan(cfg: llama.LlamaConfig, dtype_bytes: int = 2, lora_targets=("q_p
     return out
 
 
+def host_plan(cfg: llama.LlamaConfig, dtype_bytes: int, world: int, lora_targets=("q_proj", "v_proj"),
+              lora_rank: int = 8, n_snapshots: int = 40, distill: str = "pkd", device: str = "cuda",
+              ranks_per_node: int = 8, shard_bytes: int = checkpoint.SHARD_BYTES) -> dict[str, float]:
+    """Host RAM of one node, GB, in the three phases that hold the most, counting tensors only (not each process's
+    runtime, e.g. ~0.1 GB for torch on the CPU, more with CUDA; not the checkpoint's page cache, which is shared and
+    reclaimable). The base is read as stored (memory-mapped) and converted piece by piece (README: host memory):
+      load, per rank: one converted layer and the root converted whole before they are sharded (in one process the
+        weights go straight to the device), and with --device cpu the rank's shards themselves;
+      train, per rank: the snapshot teachers (CPU), and with --device cpu the step's memory (the device plan);
+      export, rank 0: the weights under the pruning LoRA converted to merge it, one layer in fp32 as the pruned model
+        is built and a safetensors shard being written (at most shard_bytes)."""
+    layer, root = layer_params(cfg)
+    on_node = min(world, ranks_per_node)
+    shards = llama.count_params(cfg) * dtype_bytes / world if device == "cpu" else 0.0
+    load = (layer + root) * dtype_bytes if world > 1 else 0.0
+    snaps = n_snapshots * snapshot_bytes(cfg, lora_targets, lora_rank) if distill == "pkd" else 0.0
+    io = {"q_proj": cfg.n_heads * cfg.head_dim, "k_proj": cfg.n_kv_heads * cfg.head_dim,
+          "v_proj": cfg.n_kv_heads * cfg.head_dim, "o_proj": cfg.dim, "gate_proj": cfg.ffn_dim,
+          "up_proj": cfg.ffn_dim, "down_proj": cfg.dim}
+    merged = cfg.n_layers * cfg.dim * sum(io[t] for t in lora_targets) * dtype_bytes if world > 1 else 0.0
+    pruned_bytes = llama.count_params(cfg) * dtype_bytes  # at most the dense size
+    return {"load": on_node * (load + shards) / GB, "train (snapshots)": on_node * (snaps + shards) / GB,
+            "export (rank 0)": (merged + 4 * layer + min(shard_bytes, pruned_bytes)) / GB}
+
+
 def plan(c, schedule: Callable[[int], object], worlds=(1, 2, 4, 8)) -> dict:
     """`--plan`: the run's steps and snapshots, and memory per device for each world size, from the config alone.
     c is the run's nuteprune.RunConfig, schedule(n_blocks) its nuteprune.Schedule for that many training blocks."""
@@ -116,7 +146,10 @@ def plan(c, schedule: Callable[[int], object], worlds=(1, 2, 4, 8)) -> dict:
                            c.layer_weight > 0, c.distill, w) for w in worlds}
     report = {"params": llama.count_params(model), "steps": sched.total_steps, "blocks": n_blocks,
               "blocks_assumed": c.data is None, "snapshots": sched.n_levels if c.distill == "pkd" else 0,
-              "dtype": str(dtype).removeprefix("torch."), "grad_ckpt": grad_ckpt, "per_device_gb": rows}
+              "dtype": str(dtype).removeprefix("torch."), "grad_ckpt": grad_ckpt, "per_device_gb": rows,
+              "host_gb_per_node": {w: host_plan(cfg, b, w, tuple(c.lora_targets.split(",")) if not c.no_lora else (),
+                                                c.lora_rank, sched.n_levels, c.distill,
+                                                "cpu" if c.device == "cpu" else "cuda") for w in worlds}}
     print_plan(c, report)
     return report
 
@@ -134,6 +167,10 @@ def print_plan(c, r: dict):
     print(f"{'GB per device':<40}" + "".join(f"{f'{w} GPU' + ('s' if w > 1 else ''):>10}" for w in rows))
     for k in comps:
         print(f"{k:<40}" + "".join(f"{row.get(k, 0.0):10.2f}" for row in rows.values()))
+    host = r["host_gb_per_node"]
+    print(f"{'host RAM per node, GB (tensors; 8 ranks a node' + (', CPU ranks' if c.device == 'cpu' else '') + ')':<40}")
+    for k in next(iter(host.values())):
+        print(f"  {k:<38}" + "".join(f"{row[k]:10.2f}" for row in host.values()))
     print("fits " + "; ".join(f"{card} GB: " + (", ".join(f"{w}" for w, row in rows.items()
                                                       if row["device total"] <= card * 0.95) or "none")
                              for card in (80, 40, 24)) + " (GPUs; 5% kept free)")

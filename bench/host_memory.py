@@ -6,7 +6,8 @@ on the CPU). Three loads, each in fresh processes:
   - 1 process: the whole model converted (what a single-process run holds);
   - 2 ranks, converted then sharded: every rank converts the whole model, then keeps its shards (the old load);
   - 2 ranks, cast per layer: the base stays memory-mapped as stored and each layer is cast just before FSDP shards
-    it (distributed.shard_model's dtype; the load now).
+    it (distributed.shard_model's dtype; the load now);
+and compares the last with the host RAM `nuteprune.py --plan` gives for that load (memory_plan.host_plan).
 A thread in each process samples /proc/self/smaps_rollup every 2 ms; reported per rank, above the process's baseline
 (torch imported, process group up): peak anonymous memory (what the process allocated: converted copies, shards),
 peak PSS (anonymous plus its share of the memory-mapped file's pages) and peak USS (pages no other process maps),
@@ -138,6 +139,14 @@ def main():
             pk = rec["peak"]
             print(f"{name:34s} {r:4d} {pk['anon']:8.0f}MB {pk['pss']:7.0f}MB {pk['uss']:7.0f}MB "
                   f"{rec['after']['anon']:9.0f}MB {pk['anon'] / size_mb:17.2f}x")
+    import checkpoint
+    import memory_plan
+    cfg = checkpoint.check_checkpoint(folder)
+    planned = memory_plan.host_plan(cfg, 2, 2, n_snapshots=0, device="cpu")["load"] / 2 * 1e9 / 2**20  # a rank
+    measured = max(rec["peak"]["anon"] for rec in results["modes"]["2 ranks, cast per layer"])
+    results["plan_load_mb_per_rank"] = planned
+    print(f"--plan's host RAM at load, per rank: {planned:.0f} MB; measured peak {measured:.0f} MB "
+          f"(plan / measured {planned / measured:.2f})")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
 

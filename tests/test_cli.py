@@ -197,4 +197,10 @@ def test_plan_from_config_json_alone(tmp_path, monkeypatch, capsys):
     plan = memory_plan.memory_plan(llama.LlamaConfig.from_hf(cfg), 2, ("q_proj", "v_proj"), 8, 49, 4, 512, True, True, "pkd", 2)
     row = next(ln for ln in out.splitlines() if ln.startswith("device total")).split()
     assert float(row[3]) == pytest.approx(plan["device total"], abs=0.006)  # the 2-GPU column
+    # host RAM per node: a converted layer and the root per rank at load (none in one process: straight to the GPU)
+    layer = 4096 * 4 * 4096 + 3 * 4096 * 11008 + 2 * 4096
+    root = 2 * 32000 * 4096 + 4096
+    load = next(ln for ln in out.splitlines() if ln.strip().startswith("load")).split()[1:]
+    assert [float(x) for x in load] == pytest.approx([0.0] + [w * (layer + root) * 2 / 1e9 for w in (2, 4, 8)],
+                                                     abs=0.006)
     assert not (tmp_path / "out").exists() and not (ROOT / "out").exists()
