@@ -39,8 +39,8 @@ def _run_flags(p: argparse.ArgumentParser, d: dict):
                    "must match the run's, except --log-every, --save-every, --max-steps, --ft-max-steps, --device, "
                    "--grad-ckpt, --cache-dir, which change")
     g.add_argument("--plan", action="store_true",
-                   help="print the run's steps, snapshots, memory per GPU and host RAM per node for 1/2/4/8 GPUs from --ckpt's "
-                   "config.json alone (no weights read), then exit")
+                   help="print the run's steps, snapshots, memory per GPU and host RAM per node for 1/2/4/8 GPUs "
+                   "from --ckpt's config.json alone (no weights read), then exit")
     g.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out that holds one, removing its state.pt, log.jsonl, report.json, "
                    "pruned/")
