@@ -111,8 +111,8 @@ def host_plan(cfg: llama.LlamaConfig, dtype_bytes: int, world: int, lora_targets
       load, per rank: one converted layer and the root converted whole before they are sharded (in one process the
         weights go straight to the device), and with --device cpu the rank's shards themselves;
       train, per rank: the snapshot teachers (CPU), and with --device cpu the step's memory (the device plan);
-      export, rank 0: the weights under the pruning LoRA converted to merge it, one layer in fp32 as the pruned model
-        is built and a safetensors shard being written (at most shard_bytes)."""
+      export, rank 0: the weights under the pruning LoRA converted to merge it, one layer's weights in fp32 twice
+        (read, then pruned) and a safetensors shard held and serialised (2 x at most shard_bytes)."""
     layer, root = layer_params(cfg)
     on_node = min(world, ranks_per_node)
     shards = llama.count_params(cfg) * dtype_bytes / world if device == "cpu" else 0.0
@@ -124,7 +124,7 @@ def host_plan(cfg: llama.LlamaConfig, dtype_bytes: int, world: int, lora_targets
     merged = cfg.n_layers * cfg.dim * sum(io[t] for t in lora_targets) * dtype_bytes if world > 1 else 0.0
     pruned_bytes = llama.count_params(cfg) * dtype_bytes  # at most the dense size
     return {"load": on_node * (load + shards) / GB, "train (snapshots)": on_node * (snaps + shards) / GB,
-            "export (rank 0)": (merged + 4 * layer + min(shard_bytes, pruned_bytes)) / GB}
+            "export (rank 0)": (merged + 8 * layer + 2 * min(shard_bytes, pruned_bytes)) / GB}
 
 
 def plan(c, schedule: Callable[[int], object], worlds=(1, 2, 4, 8)) -> dict:

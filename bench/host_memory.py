@@ -7,7 +7,9 @@ on the CPU). Three loads, each in fresh processes:
   - 2 ranks, converted then sharded: every rank converts the whole model, then keeps its shards (the old load);
   - 2 ranks, cast per layer: the base stays memory-mapped as stored and each layer is cast just before FSDP shards
     it (distributed.shard_model's dtype; the load now);
-and compares the last with the host RAM `nuteprune.py --plan` gives for that load (memory_plan.host_plan).
+and compares the last with the host RAM `nuteprune.py --plan` gives for that load (memory_plan.host_plan). Then the
+export rank 0 does (half the heads and FFN channels pruned, bf16, shards of SHARD_MB), from the base as stored
+(now) and from a base converted whole.
 A thread in each process samples /proc/self/smaps_rollup every 2 ms; reported per rank, above the process's baseline
 (torch imported, process group up): peak anonymous memory (what the process allocated: converted copies, shards),
 peak PSS (anonymous plus its share of the memory-mapped file's pages) and peak USS (pages no other process maps),
@@ -29,7 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MODES = {"1 process": (1, "converted"), "2 ranks, converted then sharded": (2, "converted"),
-         "2 ranks, cast per layer": (2, "per-layer")}
+         "2 ranks, cast per layer": (2, "per-layer"),
+         "export, base converted whole": (1, "export-converted"), "export, base as stored (rank 0 now)": (1, "export")}
+SHARD_MB = 64  # the export's safetensors shards here (transformers' default: 5 GB), so that one shard is not the model
 
 
 def smaps() -> dict:
@@ -72,6 +76,8 @@ def worker(a):
     sampler = Sampler()
     sampler.start()
     dtype, sharded = torch.bfloat16, distributed.world_size() > 1
+    if a.worker.startswith("export"):
+        return export_worker(a, sampler, dtype)
     c = npr.RunConfig(ckpt=a.ckpt, target=0.5, device="cpu", dtype="bf16")
     model = checkpoint.load_model(a.ckpt, "cpu", dtype, as_stored=sharded and a.worker == "per-layer")
     npr.attach_lora(model, c, None, torch.Generator().manual_seed(0))
@@ -82,6 +88,24 @@ def worker(a):
     rec = sampler.stop()
     Path(a.out, f"rank{distributed.rank_id()}.json").write_text(json.dumps(rec))
     distributed.finish()
+
+
+def export_worker(a, sampler, dtype):
+    """The export of rank 0 under torchrun: the base as stored, half the heads and FFN channels pruned, written layer
+    by layer in bf16 into SHARD_MB shards (or, for comparison, from a base converted whole first)."""
+    import torch
+
+    import checkpoint
+    import llama
+    model = checkpoint.load_model(a.ckpt, "cpu", dtype, as_stored=a.worker == "export")
+    cfg, g = model.config, torch.Generator().manual_seed(0)
+    masks = llama.Masks((torch.rand(cfg.n_layers, cfg.n_heads, generator=g) < 0.5).float(),
+                        (torch.rand(cfg.n_layers, cfg.ffn_dim, generator=g) < 0.5).float(), torch.ones(cfg.dim))
+    with tempfile.TemporaryDirectory() as out:
+        checkpoint.export_pruned(model, masks, out, shard_bytes=SHARD_MB * 2**20, dtype=dtype)
+    rec = sampler.stop()
+    rec["layer_fp32_mb"] = 4 * llama.count_params(model.model.layers[0]) / 2**20
+    Path(a.out, "rank0.json").write_text(json.dumps(rec))
 
 
 def make_checkpoint(folder: Path, layers: int, vocab: int) -> int:
@@ -147,6 +171,12 @@ def main():
     results["plan_load_mb_per_rank"] = planned
     print(f"--plan's host RAM at load, per rank: {planned:.0f} MB; measured peak {measured:.0f} MB "
           f"(plan / measured {planned / measured:.2f})")
+    exp = results["modes"]["export, base as stored (rank 0 now)"][0]
+    planned_exp = memory_plan.host_plan(cfg, 2, 1, (), shard_bytes=SHARD_MB * 2**20)["export (rank 0)"] * 1e9 / 2**20
+    results["plan_export_mb"] = planned_exp
+    print(f"export: peak {exp['peak']['anon']:.0f} MB; one layer in fp32 is {exp['layer_fp32_mb']:.0f} MB, a shard "
+          f"{SHARD_MB} MB; --plan's export figure for it {planned_exp:.0f} MB (plan / measured "
+          f"{planned_exp / exp['peak']['anon']:.2f})")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
 
