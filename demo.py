@@ -15,8 +15,9 @@ config.json and model.safetensors on every run on the same kind of machine. What
 llama.py; the Python version's `random` (seeded Mersenne Twister); the SentencePiece version (trained on one thread
 with a fixed seed); the torch version and the CPU's instruction set (MKL and oneDNN pick kernels per CPU, and
 different kernels round differently). What it does not depend on: PYTHONHASHSEED (nothing iterates a set or a
-hash-ordered container), OMP_NUM_THREADS / torch.set_num_threads (the build always runs on `DemoConfig.threads`
-threads, and restores the caller's setting after), the machine's load, or the clock (time is only logged).
+hash-ordered container), OMP_NUM_THREADS / torch.set_num_threads (the build runs on the threads `build_threads`
+picks, 1 or 2, and restores the caller's setting after), the machine's load (one and two threads train to the same
+bytes: tests/test_demo.py checks it), or the clock (time is only logged).
 A build lives in `.<cache>-build-<host>-<pid>-*` beside the cache folder until it is complete; ensure_demo removes
 such folders left by builds that were killed.
 """
@@ -70,11 +71,11 @@ class DemoConfig:
     steps: int = 800
     lr: float = 6e-3
     seed: int = 1234  # train stories, init and batches; held-out stories use seed + 1
-    # Exactly this many threads, whatever the caller's setting: nothing of the environment may reach the model (other
-    # thread counts may split and round sums differently; 1 and 2 gave the same bytes here, but that is no promise),
-    # and a second thread gains little on a model this small while on a busy machine every op waits for it: beside
-    # other jobs on the 2-core machine (load ~5) steps took 1.1-1.6 s with two threads, 0.45-0.5 s with one.
-    threads: int = 1
+    # 0: build_threads() picks 2 on an idle machine, 1 beside other busy processes; or exactly this many. Nothing of
+    # the caller's setting reaches the model: one and two threads train to the same bytes (three do not: other splits
+    # of a sum round differently), so only 1 and 2 are ever picked. Idle, two threads take ~215 ms a step against
+    # ~345 ms for one; beside other jobs on the 2-core machine (load ~5) 1.1-1.6 s with two, 0.45-0.5 s with one.
+    threads: int = 0
 
 # -----------------------------------------------------------------------------
 # the story generator
@@ -309,6 +310,11 @@ def train_model(cfg: DemoConfig, train: torch.Tensor, vocab: int, log) -> tuple[
     return model.eval(), losses
 
 
+def build_threads() -> int:
+    """Threads for the build: 2 when the machine has two cores and is idle at the start (cli.busy_cores), else 1."""
+    return 2 if (os.cpu_count() or 1) >= 2 and cli.busy_cores() <= cli.BUSY else 1
+
+
 def build_demo(out: Path, cfg: DemoConfig, log) -> dict:
     """Corpus, tokenizer and trained model written into the directory `out`; returns the build statistics."""
     t0 = time.time()
@@ -322,7 +328,8 @@ def build_demo(out: Path, cfg: DemoConfig, log) -> dict:
     log(f"demo: {len(train_docs)} train stories ({len(train)} tokens), {len(heldout_docs)} held-out stories "
         f"({len(heldout)} tokens), vocabulary {tok.vocab_size}; training {cfg.steps} steps")
     threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)  # exactly, not at most: see DemoConfig.threads
+    torch.set_num_threads(cfg.threads or build_threads())  # exactly, not at most: see DemoConfig.threads
+    log(f"demo: training on {torch.get_num_threads()} thread(s)")
     try:
         model, losses = train_model(cfg, train, tok.vocab_size, log)
         stats = {"first_loss": losses[0], "train_loss": mean_loss(model, train, cfg.seq_len, max_blocks=64),
@@ -354,11 +361,15 @@ def _paths(folder: Path) -> dict:
             "train_text": str(folder / "train.txt"), "heldout_text": str(folder / "heldout.txt")}
 
 
+def _recipe(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "threads"}  # the threads change no byte (DemoConfig.threads)
+
+
 def read_manifest(folder: Path, cfg: DemoConfig) -> dict | None:
     """The build's manifest if every file is present and unchanged and it was built from `cfg`, else None."""
     try:
         manifest = json.loads((folder / "demo.json").read_text())
-        ok = (manifest["version"] == VERSION and manifest["config"] == asdict(cfg)
+        ok = (manifest["version"] == VERSION and _recipe(manifest["config"]) == _recipe(asdict(cfg))
               and all(_sha256(folder / f) == manifest["sha256"][f] for f in FILES))
     except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable or malformed: rebuild
         return None
@@ -426,7 +437,7 @@ def ensure_demo(cache_dir=None, log=None, cfg: DemoConfig | None = None) -> dict
     remove_stale_builds(out, log)
     if read_manifest(out, cfg):
         return _paths(out)
-    log(f"demo: building the demo model in {out} (once; a few minutes on one CPU core)")
+    log(f"demo: building the demo model in {out} (once; a few minutes on a CPU)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=_work_prefix(out, "build")))
     try:

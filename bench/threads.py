@@ -7,12 +7,15 @@ one competing CPU-bound process (a pure-Python busy loop, as any other program o
 
 Run it on an otherwise idle machine. --first-command times the README's first command, `python nuteprune.py --ckpt
 demo --target 0.5`, from an empty cache (as on a fresh clone: the demo is built, then pruned) with the thread rule
-left to choose (cli.cpu_threads), once on the idle machine and once beside one busy process. Each cell is the median seconds of --repeats runs of a fixed amount of work;
-ratios are against the idle machine with the same threads.
+left to choose (demo.build_threads for the build, cli.cpu_threads for the pruning), once on the idle machine and
+once beside one busy process, and records the sha256 of the demo and pruned models of both (the rule must change no
+byte). Otherwise each cell is the median seconds of --repeats runs of a fixed amount of work; ratios are against the
+idle machine with the same threads.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -88,12 +91,18 @@ def first_command(busy: bool) -> dict:
                                 "--out", f"{tmp}/out"], env={**env, "NUTEPRUNE_CACHE": f"{tmp}/cache"}, cwd=ROOT,
                                capture_output=True, text=True, check=True)
             wall = time.perf_counter() - t0
+            sha = {name: hashlib.sha256(Path(tmp, f).read_bytes()).hexdigest()
+                   for name, f in (("demo model", "cache/demo/model.safetensors"),
+                                   ("pruned model", "out/pruned/model.safetensors"))}
     finally:
         if spinner:
             spinner.kill()
             spinner.wait()
-    build = [ln for ln in r.stderr.splitlines() + r.stdout.splitlines() if ln.startswith("demo: train loss")]
-    return {"wall_s": round(wall, 1), "build_line": build[-1] if build else None,
+    lines = r.stderr.splitlines() + r.stdout.splitlines()
+    build = [ln for ln in lines if ln.startswith("demo: train loss")]
+    threads = [ln for ln in lines if ln.startswith("demo: training on")]
+    return {"wall_s": round(wall, 1), "build_line": build[-1] if build else None, "sha256": sha,
+            "build_threads": threads[-1] if threads else None,
             "summary": [ln for ln in r.stdout.splitlines() if ln.startswith(("dense", "pruned", "sparsity"))]}
 
 
@@ -102,8 +111,10 @@ def main_first_command(path: str):
     for k, v in results.items():
         print(f"{k}: {v['wall_s']:.0f} s; {v['build_line']}; {' / '.join(v['summary'])}", flush=True)
     ratio = results["beside one busy process"]["wall_s"] / results["idle"]["wall_s"]
-    print(f"busy / idle: {ratio:.2f}×")
-    Path(path).write_text(json.dumps({"cpu_count": os.cpu_count(), "busy_over_idle": round(ratio, 2), **results},
+    same = results["idle"]["sha256"] == results["beside one busy process"]["sha256"]
+    print(f"busy / idle: {ratio:.2f}×; demo and pruned models byte-identical idle and busy: {same}")
+    Path(path).write_text(json.dumps({"cpu_count": os.cpu_count(), "busy_over_idle": round(ratio, 2),
+                                      "same_bytes_idle_and_busy": same, **results},
                                      indent=2) + "\n")
     print(f"wrote {path}")
 

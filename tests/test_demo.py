@@ -106,11 +106,12 @@ demo.ensure_demo(sys.argv[1], log=lambda m: None, cfg=cfg)
 
 
 def test_build_is_the_same_whatever_the_hash_seed_and_threads(tmp_path):
-    """Two builds from empty caches, in processes with different PYTHONHASHSEED and OMP_NUM_THREADS, write
-    byte-identical files (the corpus, the tokenizer, the trained model)."""
-    small = dataclasses.replace(TINY, steps=20)
+    """Two builds from empty caches, in processes with different PYTHONHASHSEED and OMP_NUM_THREADS, training on one
+    and on two threads (the two build_threads picks), write byte-identical files (the corpus, the tokenizer, the
+    trained model)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     for i, (seed, threads) in enumerate([("1", "1"), ("2", "2")]):
+        small = dataclasses.replace(TINY, steps=20, threads=int(threads))
         subprocess.run([sys.executable, "-c", BUILD, str(tmp_path / f"c{i}" / "demo"),
                         json.dumps(dataclasses.asdict(small))], check=True, cwd=ROOT, timeout=300,
                        env={**env, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": threads, "PYTHONPATH": str(ROOT)})
@@ -123,7 +124,8 @@ def test_build_is_the_same_whatever_the_hash_seed_and_threads(tmp_path):
 
 
 def test_build_trains_on_exactly_its_threads(tmp_path, monkeypatch):
-    """The caller's thread setting neither reaches the training (more or fewer threads) nor is lost after it."""
+    """The caller's thread setting neither reaches the training (more or fewer threads) nor is lost after it; with
+    threads=0 the machine's load picks 2 (idle) or 1 (busy)."""
     seen = []
 
     class Stop(Exception):
@@ -138,12 +140,16 @@ def test_build_trains_on_exactly_its_threads(tmp_path, monkeypatch):
     try:
         for caller in (1, 2):
             torch.set_num_threads(caller)
-            with pytest.raises(Stop):
-                demo.build_demo(tmp_path, dataclasses.replace(TINY, train_docs=50, threads=1), log=lambda m: None)
-            assert torch.get_num_threads() == caller
+            for threads, busy in ((1, 0.0), (0, 0.0), (0, 1.5)):
+                monkeypatch.setattr(demo.cli, "busy_cores", lambda: busy)
+                with pytest.raises(Stop):
+                    demo.build_demo(tmp_path, dataclasses.replace(TINY, train_docs=50, threads=threads),
+                                    log=lambda m: None)
+                assert torch.get_num_threads() == caller
     finally:
         torch.set_num_threads(before)
-    assert seen == [1, 1] and demo.DemoConfig().threads == 1
+    two = 2 if (os.cpu_count() or 1) >= 2 else 1
+    assert seen == [1, two, 1] * 2 and demo.DemoConfig().threads == 0
 
 # -- interrupted builds ----------------------------------------------------------------------------------------------
 
