@@ -21,8 +21,10 @@ K/V head counts and FFN widths. It cannot express everything our export produces
 - a layer whose FFN is skipped (width 0) also drops its attention output, and in the last layer the selection of
   the output rows: width 1 with zero weights there.
 With --pad, FFN widths and attention outputs (query heads x Dh) are padded up to whole blocks of the type the same
-way (zero channels, zero-output heads). A model whose padded layers all have the same sizes is written as the plain
-`llama` architecture.
+way (zero channels, zero-output heads), and the hidden width up to blocks of 32 (zero hidden dims: zero embedding
+columns, zero input columns and output rows, norm weights scaled by sqrt(D / D_padded) and eps by D / D_padded, so
+that the norms, which now divide by the padded width, give the same values; padded_dim says why not 256). A model
+whose padded layers all have the same sizes is written as the plain `llama` architecture.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import checkpoint
 import cli  # its Parser: one-line errors, as every command of the project
@@ -54,9 +57,19 @@ class LayerPlan:
     added: int  # parameters the padding adds
 
 
+HIDDEN_BLOCK = 32  # the hidden width is padded to at most this block: see padded_dim
+
+
+def padded_dim(cfg: llama.LlamaConfig, pad: int = 1) -> int:
+    """The GGUF hidden width: ours, up to whole blocks of min(pad, 32) (zero dims). Not to 256 for the K-quants: the
+    hidden width is a row of nearly every matrix, and their fallbacks for rows of 32-blocks (Q5_0, Q5_1, Q8_0) cost
+    fewer bits than widening every matrix (SmolLM2: 576 -> 768, +33%); a row off the 32-blocks falls back to F16."""
+    block = min(pad, HIDDEN_BLOCK)
+    return -(-cfg.dim // block) * block
+
+
 def plan_layer(cfg: llama.LlamaConfig, i: int, pad: int = 1) -> LayerPlan:
-    D, dh, kv_map, f = cfg.dim, cfg.head_dim, cfg.kv_map[i], cfg.ffn[i]
-    head_cost = 2 * dh * D  # one query head: q rows + o columns; one K/V head: k rows + v rows
+    D, D2, dh, kv_map, f = cfg.dim, padded_dim(cfg, pad), cfg.head_dim, cfg.kv_map[i], cfg.ffn[i]
     groups = {}  # our K/V head -> its query heads, in order
     for q, k in enumerate(kv_map):
         groups.setdefault(k, []).append(q)
@@ -81,7 +94,10 @@ def plan_layer(cfg: llama.LlamaConfig, i: int, pad: int = 1) -> LayerPlan:
     last = i == cfg.n_layers - 1
     ffn = 1 if f == 0 and (q_src or last) else f
     ffn = -(-ffn // pad) * pad  # --pad: zero channels up to whole blocks
-    added = (len(q_src) - cfg.heads[i] + len(kv_src) - cfg.kv_heads[i]) * head_cost + (ffn - f) * 3 * D
+    # one query head: q rows + o columns; one K/V head: k rows + v rows; an FFN channel: gate, up rows + a down column;
+    # a padded hidden dim also in each norm GGUF writes (a sublayer without units has none there)
+    added = ((len(q_src) + len(kv_src)) * D2 - (cfg.heads[i] + cfg.kv_heads[i]) * D) * 2 * dh \
+        + (ffn * D2 - f * D) * 3 + (D2 - D) * (bool(q_src) + bool(ffn))
     return LayerPlan(q_src, kv_src, ffn, added)
 
 
@@ -95,11 +111,14 @@ def plan_gguf(cfg: llama.LlamaConfig, pad: int = 1) -> list[LayerPlan]:
     return [plan_layer(cfg, i, pad) for i in range(cfg.n_layers)]
 
 
-def padding_report(cfg: llama.LlamaConfig, plans: list[LayerPlan]) -> dict:
+def padding_report(cfg: llama.LlamaConfig, plans: list[LayerPlan], pad: int = 1) -> dict:
     rows = [{"layer": i, "heads": [cfg.heads[i], len(p.q_src)], "kv_heads": [cfg.kv_heads[i], len(p.kv_src)],
              "ffn": [cfg.ffn[i], p.ffn], "added_params": p.added} for i, p in enumerate(plans)]
-    added, total = sum(p.added for p in plans), llama.count_params(cfg)
-    return {"layers": rows, "added_params": added, "params": total, "added_fraction": added / total}
+    D2 = padded_dim(cfg, pad)
+    embeddings = (D2 - cfg.dim) * (cfg.vocab_size * (1 if cfg.tie_embeddings else 2) + 1)  # + the final norm
+    added, total = sum(p.added for p in plans) + embeddings, llama.count_params(cfg)
+    return {"layers": rows, "hidden": [cfg.dim, D2], "added_params": added, "params": total,
+            "added_fraction": added / total}
 
 
 def format_report(report: dict) -> str:
@@ -107,6 +126,8 @@ def format_report(report: dict) -> str:
     for r in report["layers"]:
         h, kv, f = (f"{a}" if a == b else f"{a} -> {b}" for a, b in (r["heads"], r["kv_heads"], r["ffn"]))
         lines.append(f"{r['layer']} | {h} | {kv} | {f} | {r['added_params']}")
+    if report["hidden"][0] != report["hidden"][1]:
+        lines.append("hidden width {} -> {} (zero dims)".format(*report["hidden"]))
     lines.append(f"padding: {report['added_params']} parameters added to {report['params']} "
                  f"({100 * report['added_fraction']:.2f}%)")
     return "\n".join(lines)
@@ -120,14 +141,20 @@ def to_interleaved(w: torch.Tensor, dh: int) -> torch.Tensor:
     return w.view(-1, 2, dh // 2, w.shape[-1]).transpose(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(cfg: llama.LlamaConfig, state: dict, plans: list[LayerPlan]):
-    """(GGUF name, fp32 tensor in PyTorch's (out, in) shape), one at a time: a 7B model never sits in memory in fp32."""
-    D, dh = cfg.dim, cfg.head_dim
+def gguf_tensors(cfg: llama.LlamaConfig, state: dict, plans: list[LayerPlan], dim: int | None = None):
+    """(GGUF name, fp32 tensor in PyTorch's (out, in) shape), one at a time: a 7B model never sits in memory in fp32.
+    dim: the GGUF hidden width (padded_dim), zero dims beyond ours."""
+    D, dh, extra = cfg.dim, cfg.head_dim, (dim or cfg.dim) - cfg.dim
     f32 = lambda key: state[key].float()  # noqa: E731
-    yield "token_embd.weight", f32("model.embed_tokens.weight")
-    yield "output_norm.weight", f32("model.norm.weight")
+    cols = lambda key: F.pad(f32(key), (0, extra))  # noqa: E731  (out, D): zero input columns
+    rows = lambda t: F.pad(t, (0, 0, 0, extra))  # noqa: E731  (D, in): zero output rows
+    # a norm over the padded width divides by D + extra: its weight times sqrt(D / (D + extra)) (and eps times
+    # D / (D + extra), _add_hparams) gives the same values on our dims, and 0 on the zero ones
+    norm = lambda key: F.pad(f32(key) * math.sqrt(D / (D + extra)), (0, extra))  # noqa: E731
+    yield "token_embd.weight", cols("model.embed_tokens.weight")
+    yield "output_norm.weight", norm("model.norm.weight")
     if not cfg.tie_embeddings:  # tied: llama.cpp reuses token_embd
-        yield "output.weight", f32("lm_head.weight")
+        yield "output.weight", cols("lm_head.weight")
 
     def heads(w, src):  # (n * Dh, D) -> rows of the heads in src, zeros for None
         blocks = w.view(w.shape[0] // dh, dh, w.shape[-1])
@@ -136,18 +163,18 @@ def gguf_tensors(cfg: llama.LlamaConfig, state: dict, plans: list[LayerPlan]):
     for i, p in enumerate(plans):
         src, dst = f"model.layers.{i}.", f"blk.{i}."
         if p.q_src:
-            yield dst + "attn_norm.weight", f32(src + "input_layernorm.weight")
-            yield dst + "attn_q.weight", to_interleaved(heads(f32(src + "self_attn.q_proj.weight"), p.q_src), dh)
-            yield dst + "attn_k.weight", to_interleaved(heads(f32(src + "self_attn.k_proj.weight"), p.kv_src), dh)
-            yield dst + "attn_v.weight", heads(f32(src + "self_attn.v_proj.weight"), p.kv_src)
-            wo = f32(src + "self_attn.o_proj.weight")  # (D, H * Dh): its columns are per query head
+            yield dst + "attn_norm.weight", norm(src + "input_layernorm.weight")
+            yield dst + "attn_q.weight", to_interleaved(heads(cols(src + "self_attn.q_proj.weight"), p.q_src), dh)
+            yield dst + "attn_k.weight", to_interleaved(heads(cols(src + "self_attn.k_proj.weight"), p.kv_src), dh)
+            yield dst + "attn_v.weight", heads(cols(src + "self_attn.v_proj.weight"), p.kv_src)
+            wo = rows(f32(src + "self_attn.o_proj.weight"))  # (D, H * Dh): its columns are per query head
             yield dst + "attn_output.weight", heads(wo.T.contiguous(), p.q_src).T.contiguous()
         if p.ffn:
             pad = p.ffn - cfg.ffn[i]
-            yield dst + "ffn_norm.weight", f32(src + "post_attention_layernorm.weight")
-            yield dst + "ffn_gate.weight", torch.cat([f32(src + "mlp.gate_proj.weight"), torch.zeros(pad, D)])
-            yield dst + "ffn_up.weight", torch.cat([f32(src + "mlp.up_proj.weight"), torch.zeros(pad, D)])
-            yield dst + "ffn_down.weight", torch.cat([f32(src + "mlp.down_proj.weight"), torch.zeros(D, pad)], dim=1)
+            yield dst + "ffn_norm.weight", norm(src + "post_attention_layernorm.weight")
+            yield dst + "ffn_gate.weight", F.pad(cols(src + "mlp.gate_proj.weight"), (0, 0, 0, pad))
+            yield dst + "ffn_up.weight", F.pad(cols(src + "mlp.up_proj.weight"), (0, 0, 0, pad))
+            yield dst + "ffn_down.weight", F.pad(rows(f32(src + "mlp.down_proj.weight")), (0, pad))
 
 # -----------------------------------------------------------------------------
 # writing
@@ -237,21 +264,21 @@ def _layer_counts(plans: list[LayerPlan]) -> tuple[str, tuple]:
     return "deci", (heads, kv_heads, ffn)
 
 
-def _add_hparams(w, name: str, cfg: llama.LlamaConfig, ftype: str, counts: tuple) -> None:
+def _add_hparams(w, name: str, cfg: llama.LlamaConfig, ftype: str, counts: tuple, dim: int) -> None:
     import gguf
     heads, kv_heads, ffn = counts
     w.add_name(name)
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                      "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[ftype])
     w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.dim)
+    w.add_embedding_length(dim)  # padded_dim: eps scaled below as the norm weights are in gguf_tensors
     w.add_block_count(cfg.n_layers)
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
     w.add_feed_forward_length(ffn)
     w.add_key_length(cfg.head_dim)  # explicit: the hidden width is no longer heads * head_dim
     w.add_value_length(cfg.head_dim)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_layer_norm_rms_eps(cfg.norm_eps * cfg.dim / dim)
     w.add_vocab_size(cfg.vocab_size)
 
 
@@ -303,7 +330,7 @@ def write_gguf(ckpt, out_path, ftype: str = "f32", tokenizer=None, pad: int = 1,
     """Write a GGUF file of the checkpoint; returns the padding report (also printed), with `fallbacks` for a quantised
     type. Quantised types: an f16 GGUF first (a temporary file beside out_path), then llama.cpp's quantizer (only q8_0
     has a fallback without llama.cpp: the gguf package's Q8_0). pad: FFN widths and attention outputs padded up to
-multiples of it (--pad: the type's block, PAD_BLOCK)."""
+multiples of it, and the hidden width too (--pad: the type's block, PAD_BLOCK)."""
     try:
         import gguf
     except ImportError:
@@ -314,18 +341,19 @@ multiples of it (--pad: the type's block, PAD_BLOCK)."""
         raise ValueError(f"--type {ftype} needs llama.cpp's quantizer: pip install llama-cpp-python (or put "
                          f"llama-quantize on PATH)")
     cfg, state, tok = _checkpoint_and_tokenizer(ckpt, tokenizer)
-    plans = plan_gguf(cfg, max(pad, 1))
-    report = padding_report(cfg, plans)
+    pad = max(pad, 1)
+    plans, dim = plan_gguf(cfg, pad), padded_dim(cfg, pad)
+    report = padding_report(cfg, plans, pad)
     arch, counts = _layer_counts(plans)
     written = "f16" if how else ftype
 
     w = gguf.GGUFWriter(None, arch, use_temp_file=True)  # tensor data waits on disk, not in memory
-    _add_hparams(w, Path(ckpt).resolve().name, cfg, written, counts)
+    _add_hparams(w, Path(ckpt).resolve().name, cfg, written, counts, dim)
     rope_freqs = _rope(w, cfg)  # writes the RoPE keys; the tensor (Llama 3.1 scaling) leads the tensors
     _add_tokenizer(w, tok, cfg.vocab_size)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs.numpy())
-    for name, t in gguf_tensors(cfg, state, plans):
+    for name, t in gguf_tensors(cfg, state, plans, dim):
         a, raw = _encode(t, written)
         w.add_tensor(name, a, raw_dtype=raw)
 

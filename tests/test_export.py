@@ -319,9 +319,15 @@ def test_padding_to_the_block_is_exact(pruned, tmp_path):
     path, model = pruned
     report = export.write_gguf(path, tmp_path / "padded.gguf", "f32", pad=32)  # f32, to see that padding is exact
     cfg, plans = model.config, export.plan_gguf(model.config, 32)
-    assert report["added_params"] == export.padding_report(cfg, plans)["added_params"] > \
+    assert report["added_params"] == export.padding_report(cfg, plans, 32)["added_params"] > \
         export.padding_report(cfg, export.plan_gguf(cfg))["added_params"]
-    shapes = {t.name: [int(n) for n in t.shape] for t in gguf.GGUFReader(tmp_path / "padded.gguf").tensors}
+    r = gguf.GGUFReader(tmp_path / "padded.gguf")
+    shapes = {t.name: [int(n) for n in t.shape] for t in r.tensors}
+    # the hidden width (every row of q, k, v, gate, up and the embeddings) is whole blocks too: 0 < ours < 32 here
+    assert report["hidden"] == [cfg.dim, 32] and shapes["token_embd.weight"][0] == 32
+    assert r.fields["deci.embedding_length"].contents() == 32
+    unused_norms = cfg.dim * sum((not p.q_src) + (not p.ffn) for p in plans)  # the report counts what GGUF holds
+    assert sum(t.n_elements for t in r.tensors) - (llama.count_params(model) - unused_norms) == report["added_params"]
     for i, p in enumerate(plans):  # rows of ffn_down and attn_output: whole blocks of 32
         assert p.ffn % 32 == 0 and shapes.get(f"blk.{i}.ffn_down.weight", [0])[0] == p.ffn
         assert not p.q_src or shapes[f"blk.{i}.attn_output.weight"][0] == len(p.q_src) * cfg.head_dim
