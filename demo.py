@@ -311,7 +311,7 @@ def train_model(cfg: DemoConfig, train: torch.Tensor, vocab: int, log) -> tuple[
 
 
 def build_threads() -> int:
-    """Threads for the build: 2 when the machine has two cores and is idle at the start (cli.busy_cores), else 1."""
+    """Threads for the build: 2 on a machine of two or more cores idle at the start (cli.busy_cores), else 1."""
     return 2 if (os.cpu_count() or 1) >= 2 and cli.busy_cores() <= cli.BUSY else 1
 
 

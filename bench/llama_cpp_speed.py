@@ -20,8 +20,8 @@ the same type: below 1 is faster. `kept` is params_pruned / params_dense, embedd
 tensors (before any GGUF padding): the time ratio a memory-bound decode would reach if time followed the weights
 read. Perplexity: the first --ppl-windows non-overlapping windows of 512 tokens of WikiText-2 test (evaluate.py's
 text: rows joined by blank lines; llama.cpp's tokenizer, with a BOS at the start if the model adds one), every token
-after a window's first scored, from llama.cpp's logits. Writes the table and --json (after the timings, then after each
-perplexity: they take minutes per model).
+after a window's first scored, from llama.cpp's logits. Writes the table and --json (after the timings, then after
+each perplexity: they take minutes per model).
 """
 from __future__ import annotations
 
@@ -292,13 +292,12 @@ def main(argv=None):
     add_ratios(ms)
     windows = wikitext_windows(a.wikitext, ms[0]["path"], a.ppl_windows) if a.ppl_windows else []
     write(a, env, ms, windows)  # the timings are kept whatever happens to the perplexities (minutes per model)
-    for i, m in enumerate(ms):
-        if windows:
-            t = time.perf_counter()
-            m["ppl"] = perplexity(m["path"], windows, a.threads)
-            print(f"perplexity {i + 1}/{len(ms)} {m['label']} {m['type']}: {m['ppl']:.2f} "
-                  f"({time.perf_counter() - t:.0f} s)", flush=True)
-            write(a, env, ms, windows)
+    for i, m in enumerate(ms if windows else []):
+        t = time.perf_counter()
+        m["ppl"] = perplexity(m["path"], windows, a.threads)
+        print(f"perplexity {i + 1}/{len(ms)} {m['label']} {m['type']}: {m['ppl']:.2f} "
+              f"({time.perf_counter() - t:.0f} s)", flush=True)
+        write(a, env, ms, windows)
     print("\n" + table(ms, len(windows)))
     print(f"wrote {a.json}")
 
