@@ -61,6 +61,9 @@ def _run_flags(p: argparse.ArgumentParser, d: dict):
                    help="final masks in hardware-friendly widths: per layer FFN channels in multiples of N and equal "
                    "query heads per K/V head, the hidden width a multiple of N (32: Q4_0/Q8_0, 256: K-quants, 64/128: "
                    "GPU kernels; 1: the paper's)")
+    g.add_argument("--keep-hidden", action="store_true",
+                   help="prune attention heads and FFN channels only, keep the hidden width (the paper prunes it too); "
+                   "a hidden dimension costs less decode time than its weights in llama.cpp (README, Performance)")
     g.add_argument("--cache-dir", help="token cache (default: $NUTEPRUNE_CACHE or ~/.cache/nuteprune)")
 
 

@@ -52,11 +52,16 @@ LOG_ALPHA_MIN, LOG_ALPHA_MAX = math.log(1e-2), math.log(1e2)  # clamp after ever
 class HardConcrete(nn.Module):
     """Gates z in [0, 1] of one mask group, any shape; the last dimension is a row (one layer, or all of hidden)."""
 
-    def __init__(self, shape, init_mean: float, init_std: float = 0.01, generator: torch.Generator | None = None):
+    def __init__(self, shape, init_mean: float, init_std: float = 0.01, generator: torch.Generator | None = None,
+                 frozen: bool = False):
         super().__init__()
-        self.log_alpha = nn.Parameter(torch.empty(shape).normal_(init_mean, init_std, generator=generator))
+        self.log_alpha = nn.Parameter(torch.empty(shape).normal_(init_mean, init_std, generator=generator),
+                                      requires_grad=not frozen)
+        self.frozen = frozen  # a group kept whole (--keep-hidden): z = 1 always, log_alpha never trained
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.frozen:
+            return torch.ones_like(self.log_alpha.detach())
         # the noise is drawn on the CPU (the run's generator) and moved: the same u on any device and every rank
         lo, hi = STRETCH
         u = torch.rand(self.log_alpha.shape, generator=generator).clamp(EPS, 1 - EPS).to(self.log_alpha.device)
@@ -64,6 +69,8 @@ class HardConcrete(nn.Module):
         return (s * (hi - lo) + lo).clamp(0, 1)  # stretched to (l, r), then hard-clipped: exact 0s and 1s
 
     def prob_nonzero(self) -> torch.Tensor:
+        if self.frozen:
+            return torch.ones_like(self.log_alpha.detach())
         lo, hi = STRETCH
         return 1 - torch.sigmoid(BETA * math.log(-lo / hi) - self.log_alpha)  # P(z != 0)
 
@@ -71,23 +78,24 @@ class HardConcrete(nn.Module):
     def deterministic(self) -> torch.Tensor:
         # Reference rule (FLOP/CoFi): per row keep round(sum P(z != 0)) units, those with the largest log_alpha
         # (the reference ranks by sigmoid(log_alpha / BETA * 0.8), a monotone function of it). Kept units are 1.
-        keep = torch.round(self.prob_nonzero().sum(-1, keepdim=True))  # (..., 1)
+        keep = torch.round(self.prob_nonzero().sum(-1, keepdim=True))  # (..., 1); all of a frozen group
         order = self.log_alpha.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0 = most confident
         return (order < keep).float()
 
     @torch.no_grad()
     def clamp_(self):
-        self.log_alpha.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+        if not self.frozen:
+            self.log_alpha.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
 
 
 class Gates(nn.Module):
     """The three mask groups (METHOD.md §1) and the two Lagrange multipliers of Eq. 5."""
 
-    def __init__(self, cfg: llama.LlamaConfig, generator: torch.Generator | None = None):
+    def __init__(self, cfg: llama.LlamaConfig, generator: torch.Generator | None = None, keep_hidden: bool = False):
         super().__init__()
         self.head = HardConcrete((cfg.n_layers, cfg.n_heads), 10.0, generator=generator)  # [L, H]
         self.intermediate = HardConcrete((cfg.n_layers, cfg.ffn_dim), math.log(0.99 / 0.01), generator=generator)  # [L, I]
-        self.hidden = HardConcrete((cfg.dim,), 10.0, generator=generator)  # [D]
+        self.hidden = HardConcrete((cfg.dim,), 10.0, generator=generator, frozen=keep_hidden)  # [D]
         self.lambda_1 = nn.Parameter(torch.zeros(()))
         self.lambda_2 = nn.Parameter(torch.zeros(()))
 
@@ -183,6 +191,8 @@ def _fit_intermediate(gates: Gates, m: Masks, cfg: llama.LlamaConfig, target: fl
 
 def _move_one_unit(gates: Gates, m: Masks, prune: bool) -> Masks:
     for name in ("head", "hidden"):  # the next-coarsest groups after FFN channels
+        if getattr(gates, name).frozen:
+            continue
         mask, log_alpha = getattr(m, name).clone(), getattr(gates, name).log_alpha.detach()
         movable = mask == (1.0 if prune else 0.0)
         if movable.sum() > (1 if prune and name == "hidden" else 0):  # never the last hidden unit
@@ -312,6 +322,7 @@ class RunConfig:
     eval_every: int = 0  # 0: never; else held-out perplexity of the student's deterministic masks every N steps
     tolerance: float = 0.005
     round_to: int = 1  # --round-to N: hardware-friendly widths in the final masks (1: the paper's)
+    keep_hidden: bool = False  # --keep-hidden: prune heads and FFN channels only (off: all three groups, the paper)
     cache_dir: str | None = None
     n_docs: int = 20000
     block_size: int = 512

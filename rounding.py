@@ -120,6 +120,8 @@ def _move_rounded_unit(gates, m: Masks, prune: bool, cfg: llama.LlamaConfig, N: 
         if not prune:
             head[layer, grp, la[layer, grp].argsort(descending=True, stable=True)[:g[layer]]] = 1.0
         return replace(m, head=head.view_as(m.head))
+    if gates.hidden.frozen:  # --keep-hidden
+        return m
     widths, now = _widths(cfg.dim, N), int(m.hidden.sum())
     nxt = [w for w in widths if w < now][-1:] if prune else [w for w in widths if w > now][:1]
     return replace(m, hidden=_keep_hidden(gates, m.hidden, nxt[0])) if nxt else m

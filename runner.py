@@ -77,7 +77,7 @@ def setup(m, c, saved: dict | None):
     model, tok = load_base(c, torch.device("cpu") if sharded else device, dtype, as_stored)
     if device.type == "cpu":
         cli.cpu_threads(llama.count_params(model))
-    gates = m.Gates(model.config, rng).to(device)  # its initialisation draws from the run's stream before LoRA's
+    gates = m.Gates(model.config, rng, c.keep_hidden).to(device)  # initialised from the run's stream before LoRA
     m.attach_lora(model, c, saved, rng)
     if sharded:
         distributed.shard_model(model, device, dtype)

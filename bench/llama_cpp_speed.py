@@ -117,7 +117,7 @@ def rounded_runs(spec: str, sizes: list[int], work: Path) -> list[tuple[str, Pat
     state = runfolder.load_state(run)
     c = npr.RunConfig.from_dict(state["config"])
     model, _, tok = npr.load_run(run)
-    gates = npr.Gates(model.config)
+    gates = npr.Gates(model.config, keep_hidden=c.keep_hidden)
     gates.load_state_dict(state["gates"])
     if state["ft_lora"] is not None:
         print(f"note: {run} was fine-tuned on its own masks; its --round-to variants keep that LoRA")

@@ -9,6 +9,7 @@ Jobs run one at a time (one thread each), cheapest informative first, so that a 
 the dense model's evaluation; magnitude and Taylor one-shot at 50% and 20%, each + LoRA (`experiments/baselines.py`);
 NutePrune PKD 50%, KD 50%, PKD 20% with post fine-tuning on Alpaca (its model before fine-tuning is the PKD 20% row,
 so one run gives both); the dense model on the full sets of the cheaper tasks (how far --limit moves the numbers);
+PKD 50% with --keep-hidden (heads and FFN channels only: the model bench/llama_cpp_speed.py finds faster per weight);
 then a second seed of PKD and KD at 50%. Every run is a subprocess: `nuteprune.py` (an interrupted one continues
 with `--resume`), `experiments/baselines.py` (continues from its state.pt) and `evaluate.py` (twice per model:
 WikiText-2 / PTB perplexity and the seven zero-shot tasks, `--harness fixed`, the same first --limit items for
@@ -61,7 +62,7 @@ class Job:
 
 LABELS = {"dense": "dense", "magnitude": "magnitude one-shot + LoRA", "taylor": "Taylor one-shot + LoRA",
           "kd": "NutePrune, KD (intact teacher)", "pkd": "NutePrune, PKD",
-          "pkd+ft": "NutePrune, PKD + post fine-tuning"}
+          "pkd+ft": "NutePrune, PKD + post fine-tuning", "pkd-kh": "NutePrune, PKD, hidden width kept"}
 
 
 def plan(a: argparse.Namespace) -> list[Job]:
@@ -71,6 +72,7 @@ def plan(a: argparse.Namespace) -> list[Job]:
     jobs += [Job("pkd-50-s0", "nuteprune", "pkd", 0.5, 0), Job("kd-50-s0", "nuteprune", "kd", 0.5, 0),
              Job("pkd-20-s0", "nuteprune", "pkd", 0.2, 0)]
     jobs.append(Job("dense-full", "full", "dense"))
+    jobs.append(Job("pkd-kh-50-s0", "nuteprune", "pkd-kh", 0.5, 0))  # --keep-hidden: faster in llama.cpp per weight
     jobs += [Job(f"{m}-50-s{s}", "nuteprune", m, 0.5, s) for s in a.extra_seeds for m in ("pkd", "kd")]
     return jobs
 
@@ -118,7 +120,8 @@ def nuteprune_cmd(a: argparse.Namespace, job: Job, run: Path) -> list[str]:
             "--lr-mask", str(a.lr_mask), "--lr-lambda", str(a.lr_lambda), "--layer-weight", str(a.layer_weight),
             "--eval-every", str(a.eval_every),
             "--log-every", "1", "--save-every", "10", "--device", "cpu", "--dtype", "fp32",
-            "--cache-dir", str(Path(a.out) / "cache"), *(["--distill", "kd"] if job.method == "kd" else []), *ft]
+            "--cache-dir", str(Path(a.out) / "cache"), *(["--distill", "kd"] if job.method == "kd" else []),
+            *(["--keep-hidden"] if job.method == "pkd-kh" else []), *ft]
 
 
 def baseline_cmd(a: argparse.Namespace, job: Job, run: Path) -> list[str]:
@@ -376,7 +379,7 @@ def train_cost(a: argparse.Namespace, job: Job) -> float:
         return a.steps * MEASURED["lora_step_s"][job.target] * scale + taylor + 2 * MEASURED["load_s"]
     if job.kind != "nuteprune":
         return 0.0
-    snapshots = round(job.target / 0.01) if a.eval_every and job.method == "pkd" else 0
+    snapshots = round(job.target / 0.01) if a.eval_every and job.method in ("pkd", "pkd-kh") else 0
     evals = (snapshots + a.steps // a.eval_every if a.eval_every else 0) * a.heldout_blocks * a.block_size
     ft = a.ft_steps * MEASURED["ft_step_s"] + MEASURED["load_s"] if with_ft(a, job) else 0.0
     return (a.steps * MEASURED["prune_step_s"] * scale + evals / MEASURED["ppl_tokens_s"] + ft
@@ -408,8 +411,9 @@ def budget_lines(a: argparse.Namespace, results: dict) -> list[str]:
 
 COLUMNS = PPL_TASKS + ZERO_SHOT + ("average",)
 TUNING = {"dense": "—", "magnitude": "LoRA after pruning", "taylor": "LoRA after pruning",
-          "pkd": "LoRA while pruning", "kd": "LoRA while pruning", "pkd+ft": "+ post fine-tuning (Alpaca)"}
-ORDER = ("dense", "magnitude", "taylor", "kd", "pkd", "pkd+ft")
+          "pkd": "LoRA while pruning", "kd": "LoRA while pruning", "pkd+ft": "+ post fine-tuning (Alpaca)",
+          "pkd-kh": "LoRA while pruning"}
+ORDER = ("dense", "magnitude", "taylor", "kd", "pkd", "pkd-kh", "pkd+ft")
 
 
 def fmt(values: list[float], digits: int = 2) -> str:

@@ -346,3 +346,19 @@ def test_round_to_wider_than_the_model_is_reported_unmet():
     assert abs(float(npr.expected_sparsity(masks, cfg)) - 0.5) <= 0.005  # the target still holds
     unmet = rounding.unmet(masks, cfg, 512)
     assert unmet and unmet[0].startswith("FFN widths not multiples of 512")
+
+
+@pytest.mark.parametrize("round_to", [1, 32])
+def test_keep_hidden_prunes_heads_and_ffn_only_on_target(round_to):
+    cfg = llama.LlamaConfig(**ROUNDABLE)
+    gates = random_gates(cfg)  # hidden log_alpha ~ N(1, 2): the reference rule would drop some hidden dims
+    frozen = npr.Gates(cfg, keep_hidden=True)
+    frozen.load_state_dict(gates.state_dict())
+    assert gates.deterministic().hidden.sum() < cfg.dim
+    assert frozen.sample().hidden.eq(1).all() and frozen.prob_nonzero().hidden.eq(1).all()
+    assert not frozen.hidden.log_alpha.requires_grad
+    for target in (0.2, 0.5, 0.8):
+        masks = npr.final_masks(frozen, cfg, target, round_to=round_to)
+        assert masks.hidden.eq(1).all()
+        assert abs(float(npr.expected_sparsity(masks, cfg)) - target) <= 0.005
+        assert round_to == 1 or rounding.unmet(masks, cfg, round_to) == []

@@ -136,6 +136,30 @@ def test_round_to_wider_than_the_model_warns_and_reports_its_cost(files, tmp_pat
     assert r["ppl_rounded"] > 1 and r["ppl_unrounded"] > 1 and report["args"]["round_to"] == 64
 
 
+def test_keep_hidden_run_keeps_the_hidden_width_and_resumes_with_it(files, tmp_path):
+    out = tmp_path / "run"
+
+    class Killed(Exception):
+        pass
+    target_at = npr.target_at
+    npr.target_at = lambda step, *a: (_ for _ in ()).throw(Killed()) if step == 3 else target_at(step, *a)
+    try:
+        with pytest.raises(Killed):
+            npr.main(args(files, out, "--max-steps", "4", "--keep-hidden", "--save-every", "2"))
+    finally:
+        npr.target_at = target_at
+    npr.main(["--resume", str(out)])  # the saved run's --keep-hidden
+    report = json.loads((out / "report.json").read_text())
+    config = json.loads((out / "pruned" / "config.json").read_text())
+    state = torch.load(out / "state.pt", weights_only=False)
+    assert abs(report["sparsity"] - 0.5) <= 0.005 and report["args"]["keep_hidden"] is True
+    assert config["hidden_size"] == 32 and report["final_masks_moved"]["hidden"] == 0
+    init = npr.Gates(npr.llama.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=64),
+                     torch.Generator().manual_seed(0))
+    assert torch.equal(state["gates"]["hidden.log_alpha"], init.hidden.log_alpha.detach())  # never trained
+    assert report["resumes"] and state["gates"]["head.log_alpha"].ne(init.head.log_alpha.detach()).any()
+
+
 def test_masks_that_learned_the_target_carry_no_warning():
     cfg = npr.llama.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=64)
     gates = npr.Gates(cfg)
