@@ -69,3 +69,20 @@ def test_prune_flops_counts_and_classifies_a_tiny_step():
     assert c("aten::mul", [[4, 128, 1536], [1536]], cfg, 8) == "mask multiplies"
     assert c("aten::mul", [[4, 9, 128, 64], [1, 9, 1, 1]], cfg, 8) == "mask multiplies"
     assert c("aten::mul", [[576], [4, 128, 576]], cfg, 8).startswith("other")  # RMSNorm's weight, not a gate
+
+
+def test_llama_cpp_shapes_variants_prune_what_they_say_and_count_every_matrix_row():
+    import llama_cpp_shapes as shapes
+    cfg = llama.LlamaConfig(dim=128, n_layers=2, n_heads=6, n_kv_heads=3, head_dim=16, ffn_dim=256, vocab_size=64,
+                            tie_embeddings=True)
+    model = llama.Llama(cfg)
+    for name, kw in shapes.variants(cfg).items():
+        pruned = llama.prune_model(model, shapes.masks(cfg, **kw))
+        c = pruned.config
+        assert c.dim == kw.get("hidden", 128) and c.ffn == [kw.get("ffn", 256)] * 2, name
+        assert c.kv_heads == [kw.get("groups", 3)] * 2 and c.heads == [kw.get("groups", 3) * kw.get("heads", 2)] * 2
+        linears = [m for m in pruned.modules() if isinstance(m, torch.nn.Linear)]  # every projection and the head
+        assert linears[-1].weight.shape == (c.vocab_size, c.dim)
+        s = shapes.shape(c)
+        assert s["weights"] == sum(m.weight.numel() for m in linears)
+        assert s["rows"] == sum(m.weight.shape[0] for m in linears)

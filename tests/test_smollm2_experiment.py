@@ -27,11 +27,12 @@ def test_plan_puts_the_cheap_rows_first_and_pkd_20_gives_two_rows():
     a = smollm2.parse_args([])
     jobs = smollm2.plan(a)
     assert [j.name for j in jobs] == ["dense", "magnitude-50-s0", "taylor-50-s0", "magnitude-20-s0", "taylor-20-s0",
-                                      "pkd-50-s0", "kd-50-s0", "pkd-20-s0", "dense-full", "pkd-50-s1", "kd-50-s1"]
+                                      "pkd-50-s0", "kd-50-s0", "pkd-20-s0", "dense-full", "pkd-kh-50-s0", "pkd-50-s1",
+                                      "kd-50-s1"]
     pkd20 = next(j for j in jobs if j.name == "pkd-20-s0")
     assert smollm2.rows_of(a, pkd20) == ["pkd-20-s0", "pkd-20-s0+ft"]
     assert smollm2.rows_of(smollm2.parse_args(["--no-ft"]), pkd20) == ["pkd-20-s0"]
-    assert [j.name for j in smollm2.plan(smollm2.parse_args(["--extra-seeds", ""]))][-1] == "dense-full"
+    assert [j.name for j in smollm2.plan(smollm2.parse_args(["--extra-seeds", ""]))][-1] == "pkd-kh-50-s0"
     for bad in (["--steps", "0"], ["--extra-seeds", "0"], ["--extra-seeds", "x"], ["--limit", "-1"],
                 ["--warmup-epochs", "8"]):
         with pytest.raises(ValueError):
@@ -53,6 +54,7 @@ def test_nuteprune_and_the_baselines_get_the_same_tokens_and_steps(tmp_path):
     assert n[n.index("--max-steps") + 1] == b[b.index("--steps") + 1] == "77"
     assert n[n.index("--distill") + 1] == "kd" and "--ft-data" not in n
     assert "--ft-data" in smollm2.nuteprune_cmd(a, jobs["pkd-20-s0"], run)
+    assert "--keep-hidden" in smollm2.nuteprune_cmd(a, jobs["pkd-kh-50-s0"], run) and "--keep-hidden" not in n
     (run / "state.pt").write_bytes(b"")
     assert smollm2.nuteprune_cmd(a, jobs["kd-50-s0"], run)[2:] == ["--resume", str(run)]
 
@@ -186,7 +188,9 @@ def test_the_grid_stops_at_its_budget_resumes_and_reports_every_row(files, tmp_p
     assert not set(calls[len(done):]) & set(done)  # nothing finished was redone
     assert {r["row"] for r in rows} == {"dense", "magnitude-50-s0", "taylor-50-s0", "magnitude-20-s0",
                                         "taylor-20-s0", "pkd-50-s0", "kd-50-s0", "pkd-20-s0", "pkd-20-s0+ft",
-                                        "pkd-50-s1", "kd-50-s1"}
+                                        "pkd-kh-50-s0", "pkd-50-s1", "kd-50-s1"}
+    kh = next(r for r in rows if r["row"] == "pkd-kh-50-s0")
+    assert kh["method"] == "pkd-kh" and abs(kh["sparsity"] - 0.5) <= 0.005
     md = (tmp_path / "results" / "results.md").read_text()
     for label in smollm2.LABELS.values():
         assert f"| {label} |" in md
