@@ -26,6 +26,19 @@ def run_main(argv, capsys):
     return code, capsys.readouterr().err.strip().splitlines()
 
 
+def killed_at(step: int, argv: list[str]) -> None:
+    """nuteprune.main(argv) killed by an exception at the start of pruning step `step` (after its checkpoints)."""
+    class Killed(Exception):
+        pass
+    target_at = npr.target_at
+    npr.target_at = lambda s, *a: (_ for _ in ()).throw(Killed()) if s == step else target_at(s, *a)
+    try:
+        with pytest.raises(Killed):
+            npr.main(argv)
+    finally:
+        npr.target_at = target_at
+
+
 def fingerprint(out):
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
@@ -97,15 +110,7 @@ def test_resume_extends_max_steps(files, tmp_path):
     out = tmp_path / "run"
     npr.main(args(files, tmp_path / "full", "--max-steps", "8"))
 
-    class Killed(Exception):
-        pass
-    target_at = npr.target_at
-    npr.target_at = lambda step, *a: (_ for _ in ()).throw(Killed()) if step == 4 else target_at(step, *a)
-    try:
-        with pytest.raises(Killed):
-            npr.main(args(files, out, "--max-steps", "6", "--save-every", "2"))
-    finally:
-        npr.target_at = target_at
+    killed_at(4, args(files, out, "--max-steps", "6", "--save-every", "2"))
     npr.main(["--resume", str(out), "--max-steps", "8"])
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 8 and report["resumes"][0]["changed"] == {"max_steps": [6, 8]}
@@ -138,16 +143,7 @@ def test_round_to_wider_than_the_model_warns_and_reports_its_cost(files, tmp_pat
 
 def test_keep_hidden_run_keeps_the_hidden_width_and_resumes_with_it(files, tmp_path):
     out = tmp_path / "run"
-
-    class Killed(Exception):
-        pass
-    target_at = npr.target_at
-    npr.target_at = lambda step, *a: (_ for _ in ()).throw(Killed()) if step == 3 else target_at(step, *a)
-    try:
-        with pytest.raises(Killed):
-            npr.main(args(files, out, "--max-steps", "4", "--keep-hidden", "--save-every", "2"))
-    finally:
-        npr.target_at = target_at
+    killed_at(3, args(files, out, "--max-steps", "4", "--keep-hidden", "--save-every", "2"))
     npr.main(["--resume", str(out)])  # the saved run's --keep-hidden
     report = json.loads((out / "report.json").read_text())
     config = json.loads((out / "pruned" / "config.json").read_text())
