@@ -42,6 +42,7 @@ def test_plan_puts_the_cheap_rows_first_and_pkd_20_gives_two_rows():
 def test_nuteprune_and_the_baselines_get_the_same_tokens_and_steps(tmp_path):
     try:  # the commands name the shared model and data files, which must exist
         a = smollm2.parse_args(["--steps", "77", "--batch-size", "3", "--block-size", "64"])
+        smollm2.paths(a)
     except ValueError as e:
         pytest.skip(str(e))
     jobs = {j.name: j for j in smollm2.plan(a)}
