@@ -3,8 +3,8 @@ hidden only, both, and a near-empty skeleton of the same depth), timed side by s
 protocol, and each time split by a least-squares fit into a fixed cost per token, a cost per matrix row and a cost
 per weight.
 
-    python bench/llama_cpp_shapes.py [--model GGUF|DIR] [--type q8_0] [--threads N] [--reps 5]
-                                     [--json bench/llama_cpp_shapes.json]
+    python bench/llama_cpp_shapes.py [--model GGUF|DIR] [--type q8_0] [--threads N] [--flash-attn off|on]
+                                     [--reps 5] [--json bench/llama_cpp_shapes.json]
 
 Why: a memory-bound decode would take time in proportion to the weights it reads (`kept`), whichever units are
 pruned. On a small model it does not: every row of a matrix-vector product has a cost of its own (its dot-product
@@ -131,6 +131,7 @@ def main(argv=None):
     ap.add_argument("--model", default=str(SMOLLM2), help="the dense checkpoint (default: ../shared's SmolLM2-135M)")
     ap.add_argument("--type", default="q8_0", choices=export.FILE_TYPES, help="GGUF weight type")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads (default: all cores)")
+    ap.add_argument("--flash-attn", choices=("off", "on"), default="off", help="llama.cpp's flash attention")
     ap.add_argument("--reps", type=int, default=5, help="rounds; the median is reported")
     ap.add_argument("--work", default="/tmp/nuteprune-llama-cpp-shapes", help="folder for the variants")
     ap.add_argument("--json", default=str(ROOT / "bench" / "llama_cpp_shapes.json"))
@@ -139,10 +140,12 @@ def main(argv=None):
         raise SystemExit(f"error: {a.model} does not exist (--model: a dense checkpoint llama.py reads)")
     model, tok = checkpoint.load(a.model)
     ms = build(model, tok, Path(a.work), a.type)
-    speed.measure(ms, a.threads, a.reps)
+    fa = a.flash_attn == "on"
+    speed.measure(ms, a.threads, a.reps, fa)
     fits = {"tg": fit(ms, "tg_s"), "pp": fit(ms, "pp_s")}
     out = {"protocol": {"pp": speed.PP, "tg": speed.TG, "reps": a.reps, "statistic": "median", "model": a.model},
-           "environment": speed.environment(a.threads), "models": ms, "fits": fits, "table": table(ms, fits)}
+           "environment": speed.environment(a.threads, fa), "models": ms, "fits": fits,
+           "table": table(ms, fits)}
     Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
     print("\n" + out["table"] + f"\nwrote {a.json}")
 

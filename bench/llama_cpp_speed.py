@@ -2,7 +2,8 @@
 WikiText-2 perplexity of dense and pruned models, side by side, at the weight types users run.
 
     python bench/llama_cpp_speed.py --dense DENSE --pruned P20 P50 [--types f16,q8_0,q4_0,q4_k_m] [--threads N]
-                                    [--reps 5] [--ppl-windows 32] [--json bench/llama_cpp_speed.json]
+                                    [--flash-attn off|on] [--reps 5] [--ppl-windows 32]
+                                    [--json bench/llama_cpp_speed.json]
 
 Models: DENSE and each P are a checkpoint llama.py reads (a folder, a .gguf, a llama2.c .bin), a nuteprune run folder
 (its pruned/; the label is the folder's name) or LABEL=PATH. export.py converts each to every --types (f16, or
@@ -15,7 +16,8 @@ with like (a dense Q4_1 GGUF is dequantised and written again, as the pruned mod
 Protocol (llama-bench's): pp512 is one Llama.eval of 512 random tokens from an empty KV cache (n_batch = n_ubatch =
 512); tg128 is 128 single-token Llama.eval calls from an empty cache; one untimed warm-up of each; --reps rounds in
 which every model runs once (interleaved, so the ratios to dense are measured side by side), the median over rounds;
-the thread count is stated; llama.cpp's defaults otherwise (f16 KV cache, mmap). Ratios are times, pruned / dense of
+the thread count is stated; flash attention off (llama-cpp-python's default) unless --flash-attn on, which fuses
+each layer's attention into one graph node; llama.cpp's defaults otherwise (f16 KV cache, mmap). Ratios are times, pruned / dense of
 the same type: below 1 is faster. `kept` is params_pruned / params_dense, embeddings included, counted on our
 tensors (before any GGUF padding): the time ratio a memory-bound decode would reach if time followed the weights
 read. Perplexity: the first --ppl-windows non-overlapping windows of 512 tokens of WikiText-2 test (evaluate.py's
@@ -60,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "(export.py --pad)")
     ap.add_argument("--types", default=",".join(TYPES), help=f"GGUF types to convert to ({', '.join(export.FILE_TYPES)})")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads (default: all cores)")
+    ap.add_argument("--flash-attn", choices=("off", "on"), default="off",
+                    help="llama.cpp's flash attention (default off, as llama-cpp-python opens a model)")
     ap.add_argument("--reps", type=int, default=5, help="rounds; the median is reported (llama-bench: 5)")
     ap.add_argument("--ppl-windows", type=int, default=32, help="WikiText-2 windows of 512 tokens (0: no perplexity)")
     ap.add_argument("--wikitext", default=str(ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"))
@@ -174,10 +178,10 @@ def models(a: argparse.Namespace) -> list[dict]:
 # timing: llama-bench's pp512 and tg128
 
 
-def open_llama(path: str, threads: int, n_ctx: int, logits_all: bool = False):
+def open_llama(path: str, threads: int, n_ctx: int, logits_all: bool = False, flash_attn: bool = False):
     import llama_cpp
     return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=PP, n_ubatch=PP, n_threads=threads,
-                           n_threads_batch=threads, logits_all=logits_all, verbose=False)
+                           n_threads_batch=threads, logits_all=logits_all, flash_attn=flash_attn, verbose=False)
 
 
 def time_pp(llm, tokens: list[int]) -> float:
@@ -195,13 +199,14 @@ def time_tg(llm, tokens: list[int]) -> float:
     return time.perf_counter() - t
 
 
-def measure(ms: list[dict], threads: int, reps: int) -> None:
+def measure(ms: list[dict], threads: int, reps: int, flash_attn: bool = False) -> None:
     """pp and tg seconds of every model, one entry per round, into ms[i]['pp_s'], ['tg_s']. One weight type at a time
     (its dense and pruned models loaded together, interleaved within each round: the ratios are side by side)."""
     rng = np.random.default_rng(0)
     for ftype in dict.fromkeys(m["type"] for m in ms):
         group = [m for m in ms if m["type"] == ftype]
-        llms = [open_llama(m["path"], threads, PP) for m in group]  # pp and tg each start from an empty cache
+        # pp and tg each start from an empty cache
+        llms = [open_llama(m["path"], threads, PP, flash_attn=flash_attn) for m in group]
         for m, llm in zip(group, llms):
             vocab = llm.n_vocab()
             m["pp_tokens"], m["tg_tokens"] = (rng.integers(0, vocab, n).tolist() for n in (PP, TG))
@@ -230,8 +235,8 @@ def wikitext_windows(path: str, gguf_path: str, n: int) -> list[list[int]]:
     return evaluate.windows(ids, PP, n).tolist()
 
 
-def perplexity(path: str, windows: list[list[int]], threads: int) -> float:
-    llm = open_llama(path, threads, PP, logits_all=True)
+def perplexity(path: str, windows: list[list[int]], threads: int, flash_attn: bool = False) -> float:
+    llm = open_llama(path, threads, PP, logits_all=True, flash_attn=flash_attn)
     nll, count = 0.0, 0
     for w in windows:
         llm.reset()
@@ -274,27 +279,28 @@ def table(ms: list[dict], n_windows: int) -> str:
     return "\n".join(lines)
 
 
-def environment(threads: int) -> dict:
+def environment(threads: int, flash_attn: bool = False) -> dict:
     import llama_cpp
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), None) \
         if Path("/proc/cpuinfo").exists() else platform.processor()
-    return {"llama_cpp_python": llama_cpp.__version__, "threads": threads, "cpu": cpu, "cores": os.cpu_count(),
-            "machine": platform.machine()}
+    return {"llama_cpp_python": llama_cpp.__version__, "threads": threads, "flash_attn": flash_attn, "cpu": cpu,
+            "cores": os.cpu_count(), "machine": platform.machine()}
 
 
 def main(argv=None):
     a = parse_args(argv)
     ms = models(a)
-    env = environment(a.threads)
+    fa = a.flash_attn == "on"
+    env = environment(a.threads, fa)
     print(f"\nllama.cpp via llama-cpp-python {env['llama_cpp_python']}, {a.threads} thread(s) of {env['cores']} "
-          f"({env['cpu']}); pp{PP} and tg{TG}, {a.reps} round(s), medians", flush=True)
-    measure(ms, a.threads, a.reps)
+          f"({env['cpu']}), flash attention {a.flash_attn}; pp{PP} and tg{TG}, {a.reps} round(s), medians", flush=True)
+    measure(ms, a.threads, a.reps, fa)
     add_ratios(ms)
     windows = wikitext_windows(a.wikitext, ms[0]["path"], a.ppl_windows) if a.ppl_windows else []
     write(a, env, ms, windows)  # the timings are kept whatever happens to the perplexities (minutes per model)
     for i, m in enumerate(ms if windows else []):
         t = time.perf_counter()
-        m["ppl"] = perplexity(m["path"], windows, a.threads)
+        m["ppl"] = perplexity(m["path"], windows, a.threads, fa)
         print(f"perplexity {i + 1}/{len(ms)} {m['label']} {m['type']}: {m['ppl']:.2f} "
               f"({time.perf_counter() - t:.0f} s)", flush=True)
         write(a, env, ms, windows)

@@ -33,26 +33,46 @@ def test_train_cost_times_every_phase_of_prune_step(monkeypatch):
     assert phases["pkd_layer"] == ["start", "teacher", "student", "loss", "backward", "optimizer"]
 
 
-def test_llama_cpp_speed_runs_end_to_end(tmp_path):
-    """bench/llama_cpp_speed.py on stories260K, dense and pruned, one round: every row, ratio and perplexity."""
+def stories_dense_and_pruned(tmp_path):
+    """stories260K saved as a dense checkpoint and as a run folder pruned to half its heads and 128 FFN channels."""
     pytest.importorskip("llama_cpp")
     pytest.importorskip("gguf")
     tok = tokenization.SentencePieceTokenizer(need("stories260K", "tok512.model"))
-    wikitext = need("wikitext2", "wiki.test.raw")
     model = checkpoint.load_model(need("stories260K", "stories260K.bin"))
     checkpoint.save_model(model, tmp_path / "dense", tok)
     head, inter = torch.ones(5, 8), torch.ones(5, 172)
     head[:, ::2], inter[:, 128:] = 0, 0
     checkpoint.export_pruned(model, llama.Masks(head, inter, None), tmp_path / "run" / "pruned", tok)
-    llama_cpp_speed.main(["--dense", str(tmp_path / "dense"), "--pruned", f"p={tmp_path / 'run'}", "--types", "f16,q8_0",
-                          "--threads", "1", "--reps", "1", "--ppl-windows", "1", "--wikitext", str(wikitext),
-                          "--work", str(tmp_path / "work"), "--json", str(tmp_path / "out.json")])
-    rows = json.loads((tmp_path / "out.json").read_text())["models"]
+    return model
+
+
+def speed_rows(tmp_path, *flags: str) -> list[dict]:
+    llama_cpp_speed.main(["--dense", str(tmp_path / "dense"), "--pruned", f"p={tmp_path / 'run'}", "--threads", "1",
+                          "--reps", "1", "--ppl-windows", "1", "--wikitext", str(need("wikitext2", "wiki.test.raw")),
+                          "--work", str(tmp_path / "work"), "--json", str(tmp_path / "out.json"), *flags])
+    return json.loads((tmp_path / "out.json").read_text())["models"]
+
+
+def test_llama_cpp_speed_runs_end_to_end(tmp_path):
+    """bench/llama_cpp_speed.py on stories260K, dense and pruned, one round: every row, ratio and perplexity."""
+    model = stories_dense_and_pruned(tmp_path)
+    rows = speed_rows(tmp_path, "--types", "f16,q8_0")
     assert [(r["label"], r["type"]) for r in rows] == [("dense", "f16"), ("dense", "q8_0"), ("p", "f16"), ("p", "q8_0")]
     assert all(r["pp_tok_s"] > 0 and r["tg_tok_s"] > 0 and r["ppl"] > 1 for r in rows)
     kept = llama.count_params(checkpoint.load_model(tmp_path / "run" / "pruned")) / llama.count_params(model)
     assert rows[2]["kept"] == rows[3]["kept"] == pytest.approx(kept) and rows[0]["pp_ratio"] == 1.0
     assert rows[1]["fallbacks"] and not rows[3]["fallbacks"]  # FFN 172 is no multiple of 32; 128 is
+
+
+def test_llama_cpp_flash_attention_runs_the_same_pruned_model(tmp_path):
+    """--flash-attn on: llama.cpp's fused attention over per-layer head counts (the pruned model keeps 4 of 8 heads)
+    gives the perplexity of the unfused graph, to float rounding; the setting is recorded with the timings."""
+    stories_dense_and_pruned(tmp_path)
+    off = speed_rows(tmp_path, "--types", "f16")
+    on = speed_rows(tmp_path, "--types", "f16", "--flash-attn", "on")
+    assert json.loads((tmp_path / "out.json").read_text())["environment"]["flash_attn"] is True
+    assert [r["ppl"] for r in on] == pytest.approx([r["ppl"] for r in off], rel=1e-3)
+    assert on[1]["ppl"] != pytest.approx(on[0]["ppl"], rel=1e-3)  # the pruned model is another model
 
 
 def test_prune_flops_counts_and_classifies_a_tiny_step():
