@@ -106,3 +106,27 @@ def test_llama_cpp_shapes_variants_prune_what_they_say_and_count_every_matrix_ro
         s = shapes.shape(c)
         assert s["weights"] == sum(m.weight.numel() for m in linears)
         assert s["rows"] == sum(m.weight.shape[0] for m in linears)
+
+
+def test_random_pruned_copies_a_runs_widths_rounded():
+    """bench/random_pruned.py: layer i takes run layer i * L_run // L's fractions, FFN and hidden in multiples of N,
+    the same number of query heads on every kept K/V head."""
+    import random_pruned
+    cfg = llama.LlamaConfig(dim=64, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=128, vocab_size=32)
+    run = [{"heads": 0.5, "kv_heads": 1.0, "ffn": 0.5}, {"heads": 0.25, "kv_heads": 0.5, "ffn": 0.75}]
+    new = llama.pruned_config(cfg, random_pruned.profile_masks(cfg, run, 0.75, 16))
+    assert (new.heads, new.kv_heads, new.ffn, new.dim) == ([4, 4, 2, 2], [2, 2, 1, 1], [64, 64, 96, 96], 48)
+    assert new.kv_map == [[0, 0, 1, 1]] * 2 + [[0, 0]] * 2
+
+
+def test_inference_bench_keeps_the_hidden_width_a_run_kept(monkeypatch):
+    """bench/inference.py --report: a run that kept every hidden dim gives bench models that keep them too."""
+    import inference
+    cfg = llama.LlamaConfig(**train_cost.PRESETS["bench"])
+    monkeypatch.setattr(inference, "run_profile", lambda report: ([0.5] * 30, [0.4] * 30, 1.0))
+    masks = inference.profile_masks(cfg, 0.5, {"layers": []})
+    assert int(masks.hidden.sum()) == cfg.dim
+    assert 1 - llama.prunable_params(llama.pruned_config(cfg, masks)) / llama.prunable_params(cfg) == \
+        pytest.approx(0.5, abs=0.005)
+    builtin = inference.profile_masks(cfg, 0.5, None)  # the built-in profile prunes hidden dims too
+    assert int(builtin.hidden.sum()) == 636  # as in bench/inference.json
