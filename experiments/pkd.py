@@ -435,17 +435,16 @@ def code_dir(a: argparse.Namespace) -> Path:
     return Path(a.code).resolve() if a.code else ROOT
 
 
-CODE_FILES = ("nuteprune.py", "llama.py", "data.py", "evaluate.py", "demo.py", "cli.py", "flags.py", "runfolder.py",
-              "distributed.py")  # the last four exist from issue 17 on
+CODE_FILES = ("experiments/pkd.py",)  # beside every top-level module, which code_id hashes always
 
 
 def code_id(a: argparse.Namespace, files: tuple[str, ...] = CODE_FILES) -> dict:
-    """sha256 (first 16 hex digits) of the files a run executes, and the commit of this checkout."""
+    """sha256 (first 16 hex digits) of the files a run executes: every top-level module of the code folder (what
+    nuteprune.py, evaluate.py and their imports are) and `files`; and the commit of this checkout."""
     import hashlib
     d = code_dir(a)
-    files = ("nuteprune.py", "llama.py", "data.py", "evaluate.py", "demo.py", "cli.py", "flags.py", "runfolder.py",
-             "distributed.py", "checkpoint.py", "tokenization.py", "hub.py")  # cli.py on exist from issues 17 and 20 on
-    ids = {f: hashlib.sha256((d / f).read_bytes()).hexdigest()[:16] for f in files if (d / f).is_file()}
+    names = sorted(p.name for p in d.glob("*.py")) + list(files)
+    ids = {f: hashlib.sha256((d / f).read_bytes()).hexdigest()[:16] for f in dict.fromkeys(names) if (d / f).is_file()}
     if (d / ".commit").is_file():  # a frozen copy: the commit it was archived from
         ids["commit"] = (d / ".commit").read_text().strip()
         return ids

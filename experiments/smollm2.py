@@ -47,7 +47,7 @@ HEADERS = {t: TASK_NAMES[t] + ("↓" if t in PPL_TASKS else "") for t in PPL_TAS
 FULL_CHECK = ("winogrande", "openbookqa", "arc_challenge")  # the cheaper tasks, run in full on the dense model
 REUSE = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 32), "MALLOC_TRIM_THRESHOLD_": str(2 ** 32)}  # glibc keeps freed memory
 # (bench/train_cost.py: without it every logits-sized buffer page-faults in afresh, +13% on a training step)
-CODE_FILES = pkd.CODE_FILES + ("checkpoint.py", "tokenization.py", "experiments/baselines.py", "experiments/smollm2.py")
+CODE_FILES = ("experiments/baselines.py", "experiments/smollm2.py")  # and every top-level module (pkd.code_id)
 PAPER_TOKENS = 7 * 20000 * 512  # the paper's calibration: 7 epochs of 20k C4 blocks of 512 tokens
 
 

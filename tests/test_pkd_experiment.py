@@ -111,3 +111,19 @@ def test_ablation_verdicts_and_precision_near_one():
     assert v[0].startswith("PKD, gap 5%: 1.479 vs 1.453") and "beyond" in v[0] and "defaults better" in v[0]
     assert v[1].startswith("PKD, gap 20%: 1.443") and "defaults not better" in v[1] and len(v) == 2
     assert pkd.digits([1.4, 2.9]) == 3 and pkd.digits([1.4, 27.0]) == 2
+
+
+def test_code_id_hashes_every_top_level_module_and_the_named_files(tmp_path):
+    """A run's provenance covers every module it can import (runner.py, rounding.py, ... not a hand-kept list), the
+    experiment files named, and the commit of a frozen copy."""
+    for f in ("nuteprune.py", "runner.py", "experiments/pkd.py", "experiments/other.py", "README.md"):
+        (tmp_path / f).parent.mkdir(exist_ok=True)
+        (tmp_path / f).write_text(f)
+    (tmp_path / ".commit").write_text("abc\n")
+    a = pkd.parse_args(["--code", str(tmp_path)])
+    ids = pkd.code_id(a)
+    assert set(ids) == {"nuteprune.py", "runner.py", "experiments/pkd.py", "commit"} and ids["commit"] == "abc"
+    assert set(pkd.code_id(a, ("experiments/other.py",))) == {"nuteprune.py", "runner.py", "experiments/other.py",
+                                                                "commit"}
+    (tmp_path / "runner.py").write_text("changed")
+    assert pkd.code_id(a)["runner.py"] != ids["runner.py"] and pkd.code_id(a)["nuteprune.py"] == ids["nuteprune.py"]
