@@ -40,9 +40,11 @@ SHAPES = {  # the published configs' shapes; the tokenizer gives the GGUF a voca
 
 def run_fractions(run: Path) -> tuple[list[dict], float]:
     """Per layer: the kept fraction of query heads, K/V heads and FFN channels of a finished run; and its kept hidden
-    fraction. The dense sizes come from the run's own checkpoint (report.json records kept sizes only)."""
+    fraction. The dense sizes come from the run's own checkpoint (report.json records kept sizes only): its config,
+    read without the weights where the format has one (HF, GGUF)."""
     report = json.loads((run / "report.json").read_text())
-    dense, _ = checkpoint.read_checkpoint(report["args"]["ckpt"])
+    ckpt = report["args"]["ckpt"]
+    dense = checkpoint.check_checkpoint(ckpt) or checkpoint.read_checkpoint(ckpt)[0]
     layers = [{"heads": x["heads"] / dense.n_heads, "kv_heads": x["kv_heads"] / dense.n_kv_heads,
                "ffn": x["ffn"] / dense.ffn_dim} for x in report["layers"]]
     return layers, report["hidden"] / dense.dim
