@@ -16,11 +16,11 @@ with like (a dense Q4_1 GGUF is dequantised and written again, as the pruned mod
 Protocol (llama-bench's): pp512 is one Llama.eval of 512 random tokens from an empty KV cache (n_batch = n_ubatch =
 512); tg128 is 128 single-token Llama.eval calls from an empty cache; one untimed warm-up of each; --reps rounds in
 which every model runs once (interleaved, so the ratios to dense are measured side by side), the median over rounds;
-the thread count is stated; flash attention off (llama-cpp-python's default) unless --flash-attn on, which fuses
-each layer's attention into one graph node; llama.cpp's defaults otherwise (f16 KV cache, mmap). Ratios are times,
-pruned / dense of the same type: below 1 is faster. `kept` is params_pruned / params_dense, embeddings included,
-counted on our tensors (before any GGUF padding): the time ratio a memory-bound decode would reach if time followed
-the weights read. Perplexity: the first --ppl-windows non-overlapping windows of 512 tokens of WikiText-2 test (evaluate.py's
+the thread count is stated; flash attention off (llama-cpp-python's default) unless --flash-attn on, which fuses each
+layer's attention into one graph node; llama.cpp's defaults otherwise (f16 KV cache, mmap). Ratios are times, pruned
+/ dense of the same type: below 1 is faster. `kept` is params_pruned / params_dense, embeddings included, counted on
+our tensors (before any GGUF padding): the time ratio a memory-bound decode would reach if time followed the weights
+read. Perplexity: the first --ppl-windows non-overlapping windows of 512 tokens of WikiText-2 test (evaluate.py's
 text: rows joined by blank lines; llama.cpp's tokenizer, with a BOS at the start if the model adds one), every token
 after a window's first scored, from llama.cpp's logits. Writes the table and --json (after the timings, then after
 each perplexity: they take minutes per model).
