@@ -296,7 +296,7 @@ def _setup_notes(a: argparse.Namespace, ctx: Context, timing: dict) -> list[str]
         "",
         f"Baselines (`experiments/baselines.py`): the same structures (query heads, FFN channels, hidden dims) pruned "
         f"one-shot to the same sparsity, a uniform keep fraction in every layer; magnitude = L2 norm of the unit's "
-        f"weights, Taylor = |dL/dz| at z = 1 on {baselines.TAYLOR_BLOCKS} calibration blocks (LLM-Pruner's "
+        f"weights, Taylor = |dL/dz| at z = 1 on {baselines.SCORE_BLOCKS} calibration blocks (LLM-Pruner's "
         f"first-order vector-wise importance). \"+ LoRA\": LoRA rank 8 on q, v of the pruned model, next-token loss "
         f"on the calibration blocks, lr 1e-3 decaying to 0, {a.max_steps} steps x {a.batch_size} blocks = the "
         f"NutePrune runs' budget; seeds {seeds}.",
