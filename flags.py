@@ -17,6 +17,8 @@ import llama
 import runfolder
 from runfolder import RESUMABLE, RUN_FILES
 
+LAYER_LOSSES = ("paper", "all", "scaled", "cosine")  # nuteprune.layer_loss's kinds
+
 def build_parser(config: type) -> argparse.ArgumentParser:
     p = cli.Parser(description="NutePrune: prune a LLaMA checkpoint to a target sparsity by "
                                 "progressive distillation (defaults: the paper's recipe).")
@@ -94,7 +96,24 @@ def _distill_flags(p: argparse.ArgumentParser, d: dict):
                    help="pkd: progressive teachers; kd: the intact model teaches; none: next-token cross-entropy")
     g.add_argument("--kd-temp", type=float, default=d["kd_temp"], help="distillation temperature T (Eq. 7; default: 2/3)")
     g.add_argument("--kd-weight", type=float, default=d["kd_weight"], help="weight of the logit KL (Eq. 9)")
-    g.add_argument("--layer-weight", type=float, default=d["layer_weight"], help="weight of the layer MSE (Eq. 9)")
+    g.add_argument("--layer-weight", type=float, default=d["layer_weight"], help="weight of the layer loss (Eq. 9); "
+                   "with --layer-balance, the layer term's size relative to the weighted KL term")
+    g.add_argument("--layer-loss", choices=LAYER_LOSSES, default=d["layer_loss"],
+                   help="Eq. 8 as published (paper: MSE over the student's non-zero dims), or for massive activations "
+                   "all (MSE over every dim), scaled (MSE per dim over the teacher's mean square), cosine")
+    g.add_argument("--layer-balance", action="store_true", help="rescale the layer term every step to --layer-weight "
+                   "times the KL term (Minitron)")
+    g.add_argument("--keep-outliers", type=int, default=d["keep_outliers"], metavar="N",
+                   help="never prune the N hidden dims of largest activation (massive activations; 0: none)")
+    g.add_argument("--lambda-optim", choices=("adam", "sgd"), default=d["lambda_optim"],
+                   help="update of lambda_1, lambda_2: adam (the reference) or sgd (plain gradient ascent, in "
+                   "proportion to the gap)")
+    g.add_argument("--lambda-2", type=float, default=d["lambda_2"], metavar="K",
+                   help="hold lambda_2 at K instead of training it: a fixed proportional gain on the gap (with "
+                   "--lambda-optim sgd, lambda_1 the integral: a PI controller)")
+    g.add_argument("--recipe", choices=list(RECIPES), default=d["recipe"],
+                   help="paper: the published recipe; modern: its changes for models with massive activations "
+                   "(Llama-3, SmolLM2, TinyLlama: docs/METHOD.md), flags given beside it win")
     g.add_argument("--gap", type=float, default=d["gap"], help="sparsity gap between student and teacher (pkd)")
     g.add_argument("--interval", type=float, default=d["interval"], help="sparsity between two snapshots (pkd)")
 
@@ -109,6 +128,12 @@ def _finetune_flags(p: argparse.ArgumentParser, d: dict):
     g.add_argument("--ft-max-len", type=int, default=d["ft_max_len"], help="tokens per Alpaca example")
     g.add_argument("--ft-lora-targets", default=d["ft_lora_targets"], help="projections with LoRA in post fine-tuning")
 
+
+# --recipe: the paper's (every default) or the changes that make NutePrune work on models with massive activations
+# (docs/METHOD.md §2, §4, §5), measured on SmolLM2-135M (experiments/results/smollm2). Explicit flags still win.
+RECIPES = {"paper": {},
+           "modern": dict(layer_loss="scaled", layer_balance=True, layer_weight=1.0, keep_outliers=8,
+                          lambda_optim="sgd", lr_lambda=30.0, lambda_2=1000.0)}
 
 # `--ckpt demo`: the small LLaMA that demo.py trains from nothing but code (cached after the first run), its own
 # story text for calibration and held-out perplexity, and a step budget that fits a few minutes on two CPU cores.
@@ -135,6 +160,17 @@ def check_config(c):
                          f"{c.eval_every}")
     if c.distill not in ("pkd", "kd", "none"):
         raise ValueError(f"--distill must be pkd, kd or none, got {c.distill!r}")
+    if c.recipe not in RECIPES:
+        raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, got {c.recipe!r}")
+    if c.layer_loss not in LAYER_LOSSES:
+        raise ValueError(f"--layer-loss must be one of {', '.join(LAYER_LOSSES)}, got {c.layer_loss!r}")
+    if c.lambda_optim not in ("adam", "sgd"):
+        raise ValueError(f"--lambda-optim must be adam or sgd, got {c.lambda_optim!r}")
+    if c.lambda_2 is not None and c.lambda_2 < 0:
+        raise ValueError(f"--lambda-2 must be at least 0, got {c.lambda_2}")
+    if c.keep_outliers < 0 or c.layer_weight < 0 or c.kd_weight < 0:
+        raise ValueError(f"--keep-outliers, --layer-weight and --kd-weight must be at least 0, got {c.keep_outliers}, "
+                         f"{c.layer_weight}, {c.kd_weight}")
     llama.parse_dtype(c.dtype, "cpu")  # names the valid values
 
 
@@ -200,8 +236,8 @@ def parse_args(argv, config: type) -> tuple:
         if a.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
         return resume_config(parser, argv, a.resume, config), "resume"
-    if a.ckpt == "demo":
-        parser.set_defaults(**DEMO_DEFAULTS)
+    if a.ckpt == "demo" or a.recipe != "paper":  # their defaults under the flags given
+        parser.set_defaults(**(DEMO_DEFAULTS if a.ckpt == "demo" else {}), **RECIPES[a.recipe])
         a = parser.parse_args(argv)
     for name in ("ckpt", "target"):
         if getattr(a, name) is None:

@@ -58,6 +58,14 @@ class HardConcrete(nn.Module):
         self.log_alpha = nn.Parameter(torch.empty(shape).normal_(init_mean, init_std, generator=generator),
                                       requires_grad=not frozen)
         self.frozen = frozen  # a group kept whole (--keep-hidden): z = 1 always, log_alpha never trained
+        self.register_buffer("protected", None)  # units held at z = 1 (--keep-outliers): in the state dict once set
+
+    def protect(self, units: torch.Tensor):
+        """Hold these units (bool, the group's shape) at z = 1: sampled 1, P(z != 0) = 1, first in every ranking."""
+        self.protected = units.to(torch.bool).to(self.log_alpha.device)
+
+    def _held(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.protected is None else torch.where(self.protected, torch.ones_like(x), x)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.frozen:
@@ -66,20 +74,25 @@ class HardConcrete(nn.Module):
         lo, hi = STRETCH
         u = torch.rand(self.log_alpha.shape, generator=generator).clamp(EPS, 1 - EPS).to(self.log_alpha.device)
         s = torch.sigmoid((u.log() - (1 - u).log() + self.log_alpha) / BETA)
-        return (s * (hi - lo) + lo).clamp(0, 1)  # stretched to (l, r), then hard-clipped: exact 0s and 1s
+        return self._held((s * (hi - lo) + lo).clamp(0, 1))  # stretched to (l, r), then hard-clipped: exact 0s and 1s
 
     def prob_nonzero(self) -> torch.Tensor:
         if self.frozen:
             return torch.ones_like(self.log_alpha.detach())
         lo, hi = STRETCH
-        return 1 - torch.sigmoid(BETA * math.log(-lo / hi) - self.log_alpha)  # P(z != 0)
+        return self._held(1 - torch.sigmoid(BETA * math.log(-lo / hi) - self.log_alpha))  # P(z != 0)
+
+    def rank(self) -> torch.Tensor:
+        """What orders units for keeping: log_alpha, protected units first."""
+        la = self.log_alpha.detach()
+        return la if self.protected is None else la + 1000.0 * self.protected
 
     @torch.no_grad()
     def deterministic(self) -> torch.Tensor:
         # Reference rule (FLOP/CoFi): per row keep round(sum P(z != 0)) units, those with the largest log_alpha
         # (the reference ranks by sigmoid(log_alpha / BETA * 0.8), a monotone function of it). Kept units are 1.
         keep = torch.round(self.prob_nonzero().sum(-1, keepdim=True))  # (..., 1); all of a frozen group
-        order = self.log_alpha.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0 = most confident
+        order = self.rank().argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0 = most confident
         return (order < keep).float()
 
     @torch.no_grad()
@@ -91,13 +104,15 @@ class HardConcrete(nn.Module):
 class Gates(nn.Module):
     """The three mask groups (METHOD.md §1) and the two Lagrange multipliers of Eq. 5."""
 
-    def __init__(self, cfg: llama.LlamaConfig, generator: torch.Generator | None = None, keep_hidden: bool = False):
+    def __init__(self, cfg: llama.LlamaConfig, generator: torch.Generator | None = None, keep_hidden: bool = False,
+                 lambda_2: float | None = None):
         super().__init__()
         self.head = HardConcrete((cfg.n_layers, cfg.n_heads), 10.0, generator=generator)  # [L, H]
         self.intermediate = HardConcrete((cfg.n_layers, cfg.ffn_dim), math.log(0.99 / 0.01), generator=generator)  # [L, I]
         self.hidden = HardConcrete((cfg.dim,), 10.0, generator=generator, frozen=keep_hidden)  # [D]
         self.lambda_1 = nn.Parameter(torch.zeros(()))
-        self.lambda_2 = nn.Parameter(torch.zeros(()))
+        # --lambda-2 K: lambda_2 held at K, a fixed proportional gain (dL0/ds = lambda_1 + 2K (s - t)), not trained
+        self.lambda_2 = nn.Parameter(torch.tensor(float(lambda_2 or 0.0)), requires_grad=lambda_2 is None)
 
     def _each(self, fn) -> Masks:
         return Masks(*(fn(getattr(self, g)) for g in MASK_GROUPS))
@@ -113,6 +128,36 @@ class Gates(nn.Module):
 
     def clamp_(self):
         self._each(HardConcrete.clamp_)
+
+    def load_state(self, state: dict):
+        """load_state_dict for a checkpoint's gates, their protected units (a buffer only where set) included."""
+        for g in MASK_GROUPS:
+            if f"{g}.protected" in state:
+                getattr(self, g).protect(state[f"{g}.protected"])
+        self.load_state_dict(state)
+
+
+@torch.no_grad()
+def hidden_energy(model: llama.Llama, blocks: torch.Tensor, micro_batch_size: int, autocast=nullcontext) -> torch.Tensor:
+    """(D,): each hidden dim's share of the squared norm of the states Eq. 8 compares (outputs of layers 1..L-1 and
+    the final normed output) on calibration blocks, the intact model. Massive activations (Sun et al. 2024) put
+    most of it in a handful of dims."""
+    sq = 0.0
+    with teacher_lora(model, None):
+        for idx in blocks.split(micro_batch_size):
+            with autocast():
+                _, hidden = model(idx.to(model.lm_head.weight.device), output_hidden=True)
+            sq = sq + sum(h.float().pow(2).sum((0, 1)) for h in hidden)
+    return distributed.local(sq / sq.sum()).cpu()
+
+
+MASSIVE_SHARE = 0.5  # the top 1% of hidden dims holding more than this share of the squared norm: massive activations
+
+
+def massive_activations(energy: torch.Tensor) -> tuple[int, float]:
+    """(k, share): the top 1% of the hidden dims (at least one) and the share of the squared norm they hold."""
+    k = max(1, len(energy) // 100)
+    return k, float(energy.topk(k).values.sum())
 
 
 def mask_tensors(m: Masks) -> tuple:
@@ -136,15 +181,21 @@ def lagrangian(expected: torch.Tensor, target: float, lambda_1, lambda_2) -> tor
     return lambda_1 * (expected - target) + lambda_2 * (expected - target) ** 2  # Eq. 5
 
 
-def prune_optimizer(gates: Gates, lora_weights: list) -> list[torch.optim.AdamW]:
+def prune_optimizer(gates: Gates, lora_weights: list, lambda_optim: str = "adam") -> list[torch.optim.Optimizer]:
     # Eq. 5 is a saddle point: log_alpha (and LoRA) descend on the loss while the lambdas *ascend* on it, which is
     # what `maximize=True` on their group does (the reference uses a negative learning rate). AdamW without weight
     # decay (METHOD.md §7); learning rates are set by group name every step. Two optimizers, the gates' and LoRA's
     # (elementwise, so the same steps as one): under FSDP LoRA is DTensors and the gates plain tensors, and the fp16
-    # GradScaler unscales one optimizer's gradients in one kernel, which refuses the mix.
+    # GradScaler unscales one optimizer's gradients in one kernel, which refuses the mix. Adam moves each lambda by
+    # about its learning rate every step whatever the size of the gap (a bang-bang integrator: the expected sparsity
+    # swings about the target); --lambda-optim sgd moves it by lr x gap instead (METHOD.md §4).
     groups = [{"name": "log_alpha", "params": [getattr(gates, g).log_alpha for g in MASK_GROUPS]},
-              {"name": "lambda", "params": [gates.lambda_1, gates.lambda_2], "maximize": True}]
-    return [torch.optim.AdamW(groups, weight_decay=0.0)] + (finetune_optimizer(lora_weights) if lora_weights else [])
+              {"name": "lambda", "params": [p for p in (gates.lambda_1, gates.lambda_2) if p.requires_grad],
+               "maximize": True}]
+    lora = finetune_optimizer(lora_weights) if lora_weights else []
+    if lambda_optim == "sgd":  # plain ascent: lambda moves by lr x its gradient, i.e. in proportion to the gap
+        return [torch.optim.AdamW(groups[:1], weight_decay=0.0), torch.optim.SGD(groups[1:], lr=0.0)] + lora
+    return [torch.optim.AdamW(groups, weight_decay=0.0)] + lora
 
 
 def target_at(step: int, target: float, warmup_steps: int) -> float:
@@ -191,10 +242,13 @@ def _fit_intermediate(gates: Gates, m: Masks, cfg: llama.LlamaConfig, target: fl
 
 def _move_one_unit(gates: Gates, m: Masks, prune: bool) -> Masks:
     for name in ("head", "hidden"):  # the next-coarsest groups after FFN channels
-        if getattr(gates, name).frozen:
+        group = getattr(gates, name)
+        if group.frozen:
             continue
-        mask, log_alpha = getattr(m, name).clone(), getattr(gates, name).log_alpha.detach()
+        mask, log_alpha = getattr(m, name).clone(), group.log_alpha.detach()
         movable = mask == (1.0 if prune else 0.0)
+        if group.protected is not None:
+            movable &= ~group.protected
         if movable.sum() > (1 if prune and name == "hidden" else 0):  # never the last hidden unit
             score = torch.where(movable, log_alpha if prune else -log_alpha, torch.inf)
             mask.view(-1)[score.view(-1).argmin()] = 0.0 if prune else 1.0  # least (most) confident first
@@ -212,14 +266,27 @@ def kd_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
     return F.kl_div(student_logp, teacher_logp, reduction="batchmean", log_target=True) * temperature ** 2
 
 
-def layer_loss(student_hidden, teacher_hidden) -> torch.Tensor:
-    # Eq. 8: per layer, MSE over the elements where the student state is non-zero (pruned hidden dims are exactly 0),
-    # in fp32; summed over the outputs of layers 1..L-1 and the final normed output (each (B, T, D)).
+def layer_loss(student_hidden, teacher_hidden, kind: str = "paper") -> torch.Tensor:
+    """Eq. 8 and its variants for massive activations, in fp32, summed over the outputs of layers 1..L-1 and the
+    final normed output (each (B, T, D)); METHOD.md §5:
+      paper:  MSE over the elements where the student state is non-zero (pruned hidden dims are exactly 0, so their
+              error drops out of the loss);
+      all:    MSE over every element: a pruned dim's error (0 - t)^2 stays in the loss;
+      scaled: MSE over every element, each dim divided by the teacher's mean square in it over the batch (B, T):
+              scale-free, no dim outweighs another for being large;
+      cosine: 1 - cos(student, teacher) per token, averaged (scale-free; Minitron's intermediate-state loss)."""
     total = 0.0
     for s, t in zip(student_hidden, teacher_hidden):
         s, t = s.float(), t.float()
-        keep = (s != 0).float()
-        total = total + ((s - t) ** 2 * keep).sum() / keep.sum().clamp(min=1)
+        if kind == "paper":  # flags.LAYER_LOSSES names the kinds
+            keep = (s != 0).float()
+            total = total + ((s - t) ** 2 * keep).sum() / keep.sum().clamp(min=1)
+        elif kind == "all":
+            total = total + (s - t).pow(2).mean()
+        elif kind == "scaled":
+            total = total + ((s - t).pow(2) / t.pow(2).mean((0, 1)).clamp(min=1e-6)).mean()  # (D,) scale per dim
+        else:
+            total = total + (1 - F.cosine_similarity(s, t, dim=-1)).mean()
     return total
 
 
@@ -243,7 +310,12 @@ def student_loss(model: llama.Llama, idx: torch.Tensor, z: Masks, teacher: Snaps
     (logits, hidden), (t_logits, t_hidden) = (out, teacher_out) if layers else ((out, []), (teacher_out, []))
     loss = {"kd": c.kd_weight * kd_loss(logits, t_logits, c.kd_temp)}
     if layers:
-        loss["layer"] = c.layer_weight * layer_loss(hidden, t_hidden)
+        layer = layer_loss(hidden, t_hidden, c.layer_loss)
+        # --layer-balance (Minitron): the weight rescaled every micro-batch so that the layer term is layer_weight
+        # times the weighted KL term; the gradient ratio of the two stays fixed whatever the scale of the states
+        weight = c.layer_weight * (loss["kd"].detach() / layer.detach().clamp(min=1e-12)) if c.layer_balance \
+            else c.layer_weight
+        loss["layer"] = weight * layer
     return loss
 
 # -----------------------------------------------------------------------------
@@ -340,10 +412,16 @@ class RunConfig:
     lora_targets: str = "q_proj,v_proj"
     lora_rank: int = 8
     lora_alpha: float = 8.0
+    recipe: str = "paper"  # --recipe: which defaults the flags below started from (flags.RECIPES)
     distill: str = "pkd"
     kd_temp: float = 2 / 3
     kd_weight: float = 0.1
     layer_weight: float = 0.9
+    layer_loss: str = "paper"  # --layer-loss: Eq. 8 as published, or a variant for massive activations (METHOD.md §5)
+    layer_balance: bool = False  # --layer-balance: the layer term rescaled to layer_weight x the KL term every step
+    keep_outliers: int = 0  # --keep-outliers N: the N hidden dims of largest activation never pruned (METHOD.md §2)
+    lambda_optim: str = "adam"  # --lambda-optim: adam (the reference) or sgd, plain gradient ascent (METHOD.md §4)
+    lambda_2: float | None = None  # --lambda-2 K: lambda_2 held at K instead of trained (METHOD.md §4)
     gap: float = 0.10
     interval: float = 0.01
     ft_data: str | None = None

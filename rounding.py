@@ -34,7 +34,7 @@ def _widths(D: int, N: int) -> list[int]:
 
 
 def _keep_hidden(gates, hidden: torch.Tensor, width: int) -> torch.Tensor:
-    score = gates.hidden.log_alpha.detach() + 100.0 * hidden  # kept ones first
+    score = gates.hidden.rank() + 100.0 * hidden  # kept ones first (protected ones before them)
     keep = torch.zeros_like(hidden)
     keep[score.argsort(descending=True, stable=True)[:width]] = 1.0
     return keep

@@ -111,7 +111,7 @@ def load_state(out) -> dict:
 
 def load_parts(parts, saved: dict):
     """A checkpoint's gates, optimizer and scaler states into `parts` (LoRA is attached with the model)."""
-    parts.gates.load_state_dict(saved["gates"])
+    parts.gates.load_state(saved["gates"])
     if saved["optimizer"] is not None:
         distributed.load_optimizer_state(parts.optimizers, saved["optimizer"])
     if saved["scaler"] is not None:

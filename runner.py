@@ -77,19 +77,42 @@ def setup(m, c, saved: dict | None):
     model, tok = load_base(c, torch.device("cpu") if sharded else device, dtype, as_stored)
     if device.type == "cpu":
         cli.cpu_threads(llama.count_params(model))
-    gates = m.Gates(model.config, rng, c.keep_hidden).to(device)  # initialised from the run's stream before LoRA
+    gates = m.Gates(model.config, rng, c.keep_hidden, c.lambda_2).to(device)  # initialised from the run's stream before LoRA
     m.attach_lora(model, c, saved, rng)
     if sharded:
         distributed.shard_model(model, device, dtype)
     st = m.RunState() if saved is None else m.RunState.from_saved(saved)
     lora_weights = list(llama.lora_state(model).values())
-    optimizers = m.prune_optimizer(gates, lora_weights) if st.phase == "prune" else m.finetune_optimizer(lora_weights)
+    optimizers = m.prune_optimizer(gates, lora_weights, c.lambda_optim) if st.phase == "prune" else \
+        m.finetune_optimizer(lora_weights)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
     parts = m.Parts(model, gates, optimizers, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), c,
                     autocast, rng)
     if saved is not None:
         runfolder.load_parts(parts, saved)
     return parts, tok, st
+
+
+PROBE_BLOCKS = 8  # calibration blocks that measure the hidden states' massive dims
+
+
+def check_activations(m, parts, blocks: torch.Tensor):
+    """Before a new run: the hidden dims of largest activation held at z = 1 (--keep-outliers), and one line when the
+    model has massive activations while the paper's layer loss, which they dominate, is on (METHOD.md §5)."""
+    c = parts.c
+    paper_layer_loss = c.layer_loss == "paper" and c.layer_weight > 0
+    if not (c.keep_outliers or paper_layer_loss):
+        return
+    energy = m.hidden_energy(parts.model, blocks[:PROBE_BLOCKS], c.micro_batch_size, parts.autocast)
+    k, share = m.massive_activations(energy)
+    if paper_layer_loss and share > m.MASSIVE_SHARE and distributed.rank_id() == 0:
+        print(f"note: {k} of {len(energy)} hidden dims hold {share:.0%} of the hidden states' squared norm (massive "
+              f"activations): they dominate the paper's layer loss (Eq. 8), which then prunes them; --recipe modern "
+              f"is made for such models (docs/METHOD.md §5)", flush=True)
+    if c.keep_outliers:
+        protected = torch.zeros(len(energy), dtype=torch.bool)
+        protected[energy.topk(min(c.keep_outliers, len(energy))).indices] = True
+        parts.gates.hidden.protect(protected)
 
 
 def run(m, c, start: str = "new") -> dict | None:
@@ -104,6 +127,7 @@ def run(m, c, start: str = "new") -> dict | None:
     with runfolder.open_run(out, st, saved, start, c) as (log, ckpt):
         if saved is None:
             st.ppl_before = evaluate.heldout_ppl(parts.model, heldout, c.micro_batch_size, autocast=parts.autocast)
+            check_activations(m, parts, blocks)
         if st.phase == "prune":
             m.prune(parts, st, blocks, heldout, sched, log, ckpt)
             m.end_pruning(parts, st, heldout)

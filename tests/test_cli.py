@@ -106,6 +106,8 @@ def test_distillation_step_holds_one_copy_of_the_base_weights(files, tmp_path, m
         return forward(self, idx, masks, output_hidden, **kw)
     monkeypatch.setattr(llama.Llama, "forward", spy)
     runner.run(npr, *flags.parse_args(args(files, tmp_path), npr.RunConfig))
+    probe, seen = seen[:-48], seen[-48:]  # before the first step: runner.check_activations reads the intact model
+    assert probe and all(not grad and not masked for grad, _, _, masked in probe)
     assert [s[0] for s in seen] == [False, True] * 24  # 12 steps x 2 micro-batches: the teacher, then the student
     assert any(s[3] for s in seen if not s[0])  # snapshots taught, not only the intact model
     assert len({s[1] for s in seen}) == 1  # every forward read the same weight storage
