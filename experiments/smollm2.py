@@ -1,26 +1,27 @@
-"""Issue 19: NutePrune on a real pretrained model. SmolLM2-135M-Instruct pruned to 20% and 50% by NutePrune (PKD,
-and KD with the intact teacher) and by one-shot magnitude and first-order Taylor pruning, each followed by LoRA on
-the same tokens and steps, evaluated in the shape of the paper's Table 1.
+"""Issues 19 and 28: NutePrune on a real pretrained model with massive activations. SmolLM2-135M-Instruct pruned to
+20% and 50% by NutePrune (the paper's recipe and the modern one, each PKD and KD) and by two one-shot baselines
+(Taylor + LoRA on the next-token loss; Minitron-style activation importance + LoRA on the dense model's logits), on
+the same tokens and steps, two seeds a row, evaluated in the shape of the paper's Table 1.
 
     python experiments/smollm2.py --out runs/smollm2 [--budget-min M] [--code DIR]   # rerun the same command to go on
+    python experiments/smollm2.py --out runs/smollm2 --only JOB,JOB                  # a worker (two side by side)
     python experiments/smollm2.py --out runs/smollm2 --report-only                   # the report from finished work
 
 Jobs run one at a time (one thread each), cheapest informative first, so that a partial run still yields a table:
-the dense model's evaluation; magnitude and Taylor one-shot at 50% and 20%, each + LoRA (`experiments/baselines.py`);
-NutePrune PKD 50%, KD 50%, PKD 20% with post fine-tuning on Alpaca (its model before fine-tuning is the PKD 20% row,
-so one run gives both); the dense model on the full sets of the cheaper tasks (how far --limit moves the numbers);
-PKD 50% with --keep-hidden (heads and FFN channels only: the model bench/llama_cpp_speed.py finds faster per weight);
-then a second seed of PKD and KD at 50%. Every run is a subprocess: `nuteprune.py` (an interrupted one continues
-with `--resume`), `experiments/baselines.py` (continues from its state.pt) and `evaluate.py` (twice per model:
-WikiText-2 / PTB perplexity and the seven zero-shot tasks, `--harness fixed`, the same first --limit items for
-every row). Finished work is never redone (OUT/runs/<job>/row-<row>.json, report.json, eval-*.json). With
---budget-min the command starts nothing after the deadline and sends the running subprocess SIGTERM (training
-saves a checkpoint; an evaluation is simply redone next time); rerun the same command to continue.
+the dense model's evaluation; for each seed, at 50% then 20%, the two baselines and the four NutePrune rows; the
+budget point (--scale times the tokens at 20%, first seed); the dense model on the full sets of the cheaper tasks
+(how far --limit moves the numbers). Every run is a subprocess: `nuteprune.py` (an interrupted one continues with
+`--resume`), `experiments/baselines.py` (continues from its state.pt) and `evaluate.py` (twice per model: WikiText-2
+/ PTB perplexity and the seven zero-shot tasks, `--harness fixed`, the same first --limit items for every row).
+Finished work is never redone (OUT/runs/<job>/row-<row>.json, report.json, eval-*.json). With --budget-min the
+command starts nothing after the deadline and sends the running subprocess SIGTERM (training saves a checkpoint; an
+evaluation is simply redone next time); rerun the same command to continue. Commands are recorded as they would be
+typed in the repository folder (`python nuteprune.py ...`, `../shared/...`), never with this machine's paths.
 
-Writes RESULTS/results.md (the table, the budget plan, the dense model beside its authors' numbers, --limit against
-the full sets, every run with its command, seed, steps, tokens, wall and CPU time and code hash, what has not run),
-RESULTS/results.json and RESULTS/smollm2.png (average zero-shot accuracy and WikiText-2 perplexity against kept
-parameters, per method).
+Writes RESULTS/results.md (the table, the budget plan, the controller, the dense model beside its authors' numbers,
+--limit against the full sets, every run with its command, seed, steps, tokens, wall and CPU time and code hash, what
+has not run), RESULTS/results.json, RESULTS/smollm2.png (average zero-shot accuracy and WikiText-2 perplexity against
+kept parameters, per method) and RESULTS/controller.png (expected sparsity against the step, per recipe).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "experiments"), str(ROOT)]  # pkd, stories260k, plots, baselines; llama, evaluate, ...
 
+import massive  # noqa: E402
 import pkd  # noqa: E402
 from evaluate import PAPER_METRIC, PPL_TASKS, ZERO_SHOT  # noqa: E402  (the task names and the paper's metrics)
 from evaluate import HEADERS as TASK_NAMES  # noqa: E402
@@ -47,7 +49,7 @@ HEADERS = {t: TASK_NAMES[t] + ("↓" if t in PPL_TASKS else "") for t in PPL_TAS
 FULL_CHECK = ("winogrande", "openbookqa", "arc_challenge")  # the cheaper tasks, run in full on the dense model
 REUSE = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 32), "MALLOC_TRIM_THRESHOLD_": str(2 ** 32)}  # glibc keeps freed memory
 # (bench/train_cost.py: without it every logits-sized buffer page-faults in afresh, +13% on a training step)
-CODE_FILES = ("experiments/baselines.py", "experiments/smollm2.py")  # and every top-level module (pkd.code_id)
+CODE_FILES = ("experiments/baselines.py", "experiments/smollm2.py", "experiments/massive.py")  # and every top-level module (pkd.code_id)
 PAPER_TOKENS = 7 * 20000 * 512  # the paper's calibration: 7 epochs of 20k C4 blocks of 512 tokens
 
 
@@ -55,46 +57,50 @@ PAPER_TOKENS = 7 * 20000 * 512  # the paper's calibration: 7 epochs of 20k C4 bl
 class Job:
     name: str  # folder under OUT/runs
     kind: str  # dense | oneshot | nuteprune | full
-    method: str  # dense | magnitude | taylor | pkd | kd
+    method: str  # one of LABELS
     target: float = 0.0
     seed: int | None = None
+    scale: int = 1  # tokens and steps, in multiples of --steps (the budget point: 4)
 
 
-LABELS = {"dense": "dense", "magnitude": "magnitude one-shot + LoRA", "taylor": "Taylor one-shot + LoRA",
-          "kd": "NutePrune, KD (intact teacher)", "pkd": "NutePrune, PKD",
-          "pkd+ft": "NutePrune, PKD + post fine-tuning", "pkd-kh": "NutePrune, PKD, hidden width kept"}
+LABELS = {"dense": "dense", "taylor": "Taylor one-shot + LoRA", "minitron": "Minitron-style one-shot + KD LoRA",
+          "pkd": "NutePrune PKD, paper recipe", "kd": "NutePrune KD, paper recipe",
+          "pkd-m": "NutePrune PKD, modern recipe", "kd-m": "NutePrune KD, modern recipe"}
+ONESHOT = ("minitron", "taylor")
+NUTEPRUNE = ("pkd-m", "kd-m", "pkd", "kd")
+
+
+def job(method: str, target: float, seed: int, scale: int = 1) -> Job:
+    kind = "oneshot" if method in ONESHOT else "nuteprune"
+    return Job(f"{method}-{round(target * 100)}-s{seed}" + (f"-x{scale}" if scale > 1 else ""), kind, method, target,
+               seed, scale)
 
 
 def plan(a: argparse.Namespace) -> list[Job]:
-    """Every job, cheapest informative first."""
+    """Every job, cheapest informative first: the dense model, each seed's rows (50% first), the rows at --scale
+    times the tokens, the dense model on the full sets."""
     jobs = [Job("dense", "dense", "dense")]
-    jobs += [Job(f"{m}-{round(t * 100)}-s0", "oneshot", m, t, 0) for t in (0.5, 0.2) for m in ("magnitude", "taylor")]
-    jobs += [Job("pkd-50-s0", "nuteprune", "pkd", 0.5, 0), Job("kd-50-s0", "nuteprune", "kd", 0.5, 0),
-             Job("pkd-20-s0", "nuteprune", "pkd", 0.2, 0)]
-    jobs.append(Job("dense-full", "full", "dense"))
-    jobs.append(Job("pkd-kh-50-s0", "nuteprune", "pkd-kh", 0.5, 0))  # --keep-hidden: faster in llama.cpp per weight
-    jobs += [Job(f"{m}-50-s{s}", "nuteprune", m, 0.5, s) for s in a.extra_seeds for m in ("pkd", "kd")]
-    return jobs
-
-
-def with_ft(a: argparse.Namespace, job: Job) -> bool:
-    return job.method == "pkd" and job.target == 0.2 and not a.no_ft
+    jobs += [job(m, t, s) for s in a.seeds for t in (0.5, 0.2) for m in ONESHOT + NUTEPRUNE]
+    jobs += [job(m, 0.2, a.seeds[0], a.scale) for m in a.scaled]
+    return jobs + [Job("dense-full", "full", "dense")]
 
 
 def rows_of(a: argparse.Namespace, job: Job) -> list[str]:
-    """The table rows a job's models become (pkd-20 with post fine-tuning: before and after it)."""
-    if job.kind == "full":
-        return []
-    return [job.name, job.name + "+ft"] if with_ft(a, job) else [job.name]
+    """The table rows a job's models become."""
+    return [] if job.kind == "full" else [job.name]
 
 # -----------------------------------------------------------------------------
-# the commands
+# the commands, as results record them: `python SCRIPT` and paths relative to the repository (../shared/... for the
+# shared files), run with this interpreter from the --code copy (run_cmd), in the repository folder
+
+
+def rel(path) -> str:
+    return os.path.relpath(Path(path).resolve(), ROOT)
 
 
 def paths(a: argparse.Namespace) -> dict:
     d = Path(a.data_dir)
-    p = {"model": Path(a.model), "c4": d / "c4" / "c4_en_train00000_first1000.jsonl",
-         "alpaca": d / "alpaca" / "alpaca_data_first200.json"}
+    p = {"model": Path(a.model), "c4": d / "c4" / "c4_en_train00000_first1000.jsonl"}
     for name, f in p.items():
         if not (f.exists() if name == "model" else f.is_file()):  # the model: a GGUF file or an HF folder
             raise ValueError(f"{f} does not exist: --model and --data-dir must name the shared model and data "
@@ -102,50 +108,47 @@ def paths(a: argparse.Namespace) -> dict:
     return p
 
 
-def train_flags(a: argparse.Namespace) -> list[str]:
-    """What NutePrune and the baselines' LoRA share: the calibration blocks and the step budget."""
+def train_flags(a: argparse.Namespace, job: Job) -> list[str]:
+    """What NutePrune and the baselines share: the calibration blocks, the step budget and the precision."""
     return ["--block-size", str(a.block_size), "--batch-size", str(a.batch_size), "--heldout-blocks",
-            str(a.heldout_blocks)]
+            str(a.heldout_blocks), "--dtype", a.dtype, "--seed", str(job.seed), "--cache-dir", rel(Path(a.out) / "cache")]
 
 
 def nuteprune_cmd(a: argparse.Namespace, job: Job, run: Path) -> list[str]:
-    p, code = paths(a), pkd.code_dir(a)
+    p = paths(a)
     if (run / "state.pt").is_file():
-        return [sys.executable, str(code / "nuteprune.py"), "--resume", str(run)]
-    ft = ["--ft-data", str(p["alpaca"]), "--ft-batch-size", str(a.ft_batch_size), "--ft-max-steps",
-          str(a.ft_steps), "--ft-max-len", str(a.ft_max_len)] if with_ft(a, job) else []
-    return [sys.executable, str(code / "nuteprune.py"), "--ckpt", str(p["model"]), "--data", str(p["c4"]),
-            "--target", str(job.target), "--out", str(run), "--overwrite", "--seed", str(job.seed), *train_flags(a),
-            "--micro-batch-size", str(a.batch_size), "--max-steps", str(a.steps), "--epochs", "7",
-            "--lr-mask", str(a.lr_mask), "--lr-lambda", str(a.lr_lambda), "--layer-weight", str(a.layer_weight),
-            "--eval-every", str(a.eval_every),
-            "--log-every", "1", "--save-every", "10", "--device", "cpu", "--dtype", "fp32",
-            "--cache-dir", str(Path(a.out) / "cache"), *(["--distill", "kd"] if job.method == "kd" else []),
-            *(["--keep-hidden"] if job.method == "pkd-kh" else []), *ft]
+        return ["python", "nuteprune.py", "--resume", rel(run)]
+    recipe = ["--recipe", "modern", "--lr-lambda", str(a.lr_lambda_modern)] if job.method.endswith("-m") else \
+        ["--lr-lambda", str(a.lr_lambda)]
+    return ["python", "nuteprune.py", "--ckpt", rel(p["model"]), "--data", rel(p["c4"]), "--target", str(job.target),
+            "--out", rel(run), "--overwrite", *train_flags(a, job), "--micro-batch-size", str(a.batch_size),
+            "--max-steps", str(a.steps * job.scale), "--epochs", "7", "--lr-mask", str(a.lr_mask), *recipe,
+            "--eval-every", str(a.eval_every), "--log-every", "1", "--save-every", "10", "--device", "cpu",
+            *(["--distill", "kd"] if job.method.startswith("kd") else [])]
 
 
 def baseline_cmd(a: argparse.Namespace, job: Job, run: Path) -> list[str]:
     p = paths(a)
-    return [sys.executable, str(pkd.code_dir(a) / "experiments" / "baselines.py"), "--ckpt", str(p["model"]),
-            "--data", str(p["c4"]), "--method", job.method, "--target", str(job.target), "--seed", str(job.seed),
-            "--steps", str(a.steps), *train_flags(a), "--lr", "1e-3", "--lora-rank", "8",
-            "--lora-targets", "q_proj,v_proj", "--out", str(run), "--save-every", "10",
-            "--cache-dir", str(Path(a.out) / "cache"), "--scores", str(Path(a.out) / f"scores-{job.method}.pt")]
+    return ["python", "experiments/baselines.py", "--ckpt", rel(p["model"]), "--data", rel(p["c4"]), "--method",
+            job.method, "--target", str(job.target), "--steps", str(a.steps * job.scale), *train_flags(a, job),
+            "--lr", "1e-3", "--lora-rank", "8", "--lora-targets", "q_proj,v_proj",
+            "--loss", "kd" if job.method == "minitron" else "ce", "--out", rel(run), "--save-every", "10",
+            "--scores", rel(Path(a.out) / f"scores-{job.method}-{a.dtype}.pt")]
 
 
 def eval_cmds(a: argparse.Namespace, model: Path, prefix: str, full: bool = False) -> list[tuple[str, list, str]]:
     """(kind, evaluate.py command, its JSON) for a model: perplexity, then the zero-shot tasks; full: the dense
     model's check of --limit (PTB and the cheaper tasks, every item)."""
     dense = paths(a)["model"]  # a GGUF's tokenizer for every model: the same token ids in every row
-    tok = ["--tokenizer", str(dense)] if dense.suffix == ".gguf" else []
-    base = [sys.executable, str(pkd.code_dir(a) / "evaluate.py"), "--ckpt", str(model), *tok, "--data-dir",
-            str(a.data_dir), "--device", "cpu", "--dtype", "fp32", "--batch-size", "8"]
+    tok = ["--tokenizer", rel(dense)] if dense.suffix == ".gguf" else []
+    base = ["python", "evaluate.py", "--ckpt", rel(model), *tok, "--data-dir", rel(a.data_dir), "--device", "cpu",
+            "--dtype", a.eval_dtype, "--batch-size", "8"]
     ppl_limit = [] if full or not a.ppl_windows else ["--limit", str(a.ppl_windows)]
     zs_limit = [] if full or not a.limit else ["--limit", str(a.limit)]
     return [("ppl", base + ["--tasks", "ptb" if full else "wikitext2,ptb", "--seq-len", str(a.seq_len), *ppl_limit,
-                            "--json", f"{prefix}-ppl.json"], f"{prefix}-ppl.json"),
+                            "--json", rel(f"{prefix}-ppl.json")], f"{prefix}-ppl.json"),
             ("zs", base + ["--tasks", ",".join(FULL_CHECK if full else ZERO_SHOT), "--harness", "fixed", *zs_limit,
-                           "--json", f"{prefix}-zs.json"], f"{prefix}-zs.json")]
+                           "--json", rel(f"{prefix}-zs.json")], f"{prefix}-zs.json")]
 
 # -----------------------------------------------------------------------------
 # running: every subprocess through pkd.supervise (one thread, SIGTERM at the deadline), its time in RUN/times.json
@@ -169,7 +172,8 @@ def run_cmd(ctx: pkd.Ctx, run: Path, what: str, cmd: list[str], done: Path) -> b
         return False
     ctx.log(f"{what}: {run.name}")
     t0 = time.time()
-    status, usage, termed = pkd.supervise(ctx, cmd, run, REUSE)
+    argv = [sys.executable, str(pkd.code_dir(ctx.a) / cmd[1]), *cmd[2:]] if cmd[0] == "python" else cmd
+    status, usage, termed = pkd.supervise(ctx, argv, run, REUSE)
     code = os.waitstatus_to_exitcode(status)
     add_time(run, {"what": what, "cmd": cmd, "wall_s": time.time() - t0, "cpu_s": usage.ru_utime + usage.ru_stime,
                    "exit": code, "code": pkd.code_id(ctx.a, CODE_FILES)})
@@ -189,44 +193,8 @@ def train(ctx: pkd.Ctx, job: Job, run: Path) -> list[tuple[str, Path]] | None:
     if job.kind == "oneshot":
         ok = run_cmd(ctx, run, "train", baseline_cmd(a, job, run), run / "report.json")
         return [(job.name, run / "pruned")] if ok else None
-    if not run_cmd(ctx, run, "train", nuteprune_cmd(a, job, run), run / "report.json"):
-        return None
-    if not with_ft(a, job):
-        return [(job.name, run / "pruned")]
-    if not export_before_ft(ctx, run):
-        return None
-    return [(job.name, run / "pruned-noft"), (job.name + "+ft", run / "pruned")]
-
-
-def export_before_ft(ctx: pkd.Ctx, run: Path) -> bool:
-    """RUN/pruned-noft: the run's model before post fine-tuning, exported as nuteprune.py exports a run without
-    --ft-data (base + the pruning LoRA, state.pt's "lora", under the final masks), and its held-out perplexity on
-    the run's own held-out blocks (RUN/noft.json)."""
-    if (run / "noft.json").is_file():
-        return True
-    if ctx.late():
-        ctx.stopped = True
-        return False
-    import checkpoint
-    import data
-    import evaluate
-    import llama
-    import nuteprune
-    import runfolder
-    t0, c0 = time.time(), time.process_time()
-    state = runfolder.load_state(run)
-    c = nuteprune.RunConfig.from_dict(state["config"])
-    model, tok = checkpoint.load(c.ckpt, c.tokenizer)
-    nuteprune.attach_lora(model, c)
-    llama.load_lora_state(model, state["lora"])
-    checkpoint.export_pruned(model.eval(), llama.Masks(**state["final_masks"]), run / "pruned-noft", tok)
-    heldout = data.calibration_blocks(c.data, tok, c.n_docs, c.block_size, c.cache_dir)[-c.heldout_blocks:]
-    ppl = evaluate.heldout_ppl(checkpoint.load_model(run / "pruned-noft"), heldout, c.micro_batch_size)
-    add_time(run, {"what": "export", "cmd": ["(in experiments/smollm2.py) export_before_ft"], "exit": 0,
-                   "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0,
-                   "code": pkd.code_id(ctx.a, CODE_FILES)})
-    pkd.write_json(run / "noft.json", {"ppl_after": ppl, "steps": state["step"]})
-    return True
+    ok = run_cmd(ctx, run, "train", nuteprune_cmd(a, job, run), run / "report.json")
+    return [(job.name, run / "pruned")] if ok else None
 
 
 def evaluate_row(ctx: pkd.Ctx, job: Job, run: Path, row: str, model: Path) -> dict | None:
@@ -307,10 +275,7 @@ def job_report(a: argparse.Namespace, job: Job, run: Path, row: str) -> dict:
         import llama
         n = llama.count_params(checkpoint.check_checkpoint(paths(a)["model"]))
         return {"sparsity": 0.0, "sparsity_total": 0.0, "params_dense": n, "params_pruned": n, "steps": 0}
-    rep = json.loads((run / "report.json").read_text())
-    if row.endswith("+ft") or not with_ft(a, job):
-        return rep
-    return {**rep, **json.loads((run / "noft.json").read_text()), "ft_steps": 0}  # the model before fine-tuning
+    return json.loads((run / "report.json").read_text())
 
 
 def tokens_seen(rep: dict) -> int:
@@ -322,18 +287,15 @@ def tokens_seen(rep: dict) -> int:
 
 def row_record(a: argparse.Namespace, job: Job, run: Path, row: str, evals: dict) -> dict:
     rep, times = job_report(a, job, run, row), read_times(run)
-    ft = row.endswith("+ft")
-    trained = [t for t in times if t["what"] in ("train", "export")]
+    trained = [t for t in times if t["what"] == "train"]
     evaluated = [t for t in times if t["what"].startswith(f"eval {row} ")]
-    rec = {"row": row, "job": job.name, "kind": job.kind, "method": job.method + ("+ft" if ft else ""),
+    rec = {"row": row, "job": job.name, "kind": job.kind, "method": job.method, "scale": job.scale,
            "target": job.target, "seed": job.seed, "sparsity": rep["sparsity"],
            "sparsity_total": rep.get("sparsity_total"), "params": rep["params_pruned"],
            "params_dense": rep["params_dense"], "warning": rep.get("warning"),
            "expected_sparsity_at_end": rep.get("expected_sparsity_at_end"),
            "trained_masks_sparsity": rep.get("trained_masks_sparsity"), "steps": rep.get("steps", 0),
-           "ft_steps": rep.get("ft_steps", 0) if ft else 0, "tokens_seen": tokens_seen(rep),
-           "ft_examples_seen": rep.get("ft_steps", 0) * rep.get("args", {}).get("ft_batch_size", 0) if ft else 0,
-           "score_tokens": rep.get("score_tokens", 0),
+           "tokens_seen": tokens_seen(rep), "score_tokens": rep.get("score_tokens", 0),
            "heldout_ppl": {"dense": rep.get("ppl_before"), "oneshot": rep.get("ppl_oneshot"),
                            "after": rep.get("ppl_after")},
            "metrics": metrics(evals), "train_time": time_sums(trained), "eval_time": time_sums(evaluated),
@@ -341,21 +303,24 @@ def row_record(a: argparse.Namespace, job: Job, run: Path, row: str, evals: dict
            "code": list({json.dumps(t.get("code"), sort_keys=True): t.get("code") for t in trained + evaluated}
                         .values())}
     if job.kind == "nuteprune" and (run / "log.jsonl").is_file():
-        rec["log"] = pkd.summarize_log(pkd.read_log(run / "log.jsonl"))
+        log = pkd.read_log(run / "log.jsonl")
+        rec["log"] = pkd.summarize_log(log)
+        rec["controller"] = massive.controller_stats(log, job.target)
+        rec["trace"] = [[r["step"], r["expected_sparsity"]] for r in log if r.get("phase") == "prune"]
     return rec
 
 # -----------------------------------------------------------------------------
-# the budget plan: measured costs (CPU seconds on the shared 2-core machine while other jobs ran, one thread; upper
-# bounds) and what they imply for the grid's flags
+# the budget plan: measured costs (CPU seconds on the 2-core machine with two one-thread workers; bench/README.md
+# for the bf16 step) and what they imply for the grid's flags
 
 MEASURED = {
-    "prune_step_s": 8.9,  # nuteprune.prune_step, pkd + layer loss, 4 x 128 tokens (bench/prune_flops.py, CPU time)
-    "lora_step_s": {0.5: 3.1, 0.2: 5.1},  # baselines.finetune, 4 x 128 tokens, on the magnitude-pruned model
-    "taylor_scores_s": 170.0,  # baselines.unit_scores_taylor on 128 blocks of 128 tokens (once: cached per method)
-    "zs_tokens_s": 180.0,  # evaluate.py zero-shot on the dense model, positions per CPU second
-    "ppl_tokens_s": 215.0,  # evaluate.py perplexity on the dense model
+    "prune_step_s": 2.8,  # nuteprune.prune_step in bf16, pkd + layer loss, 4 x 128 tokens, beside a second worker
+    "lora_step_s": {0.5: 1.2, 0.2: 1.6},  # baselines.finetune in bf16, 4 x 128 tokens
+    "kd_lora": 1.4,  # the same with the dense model's forward for KD (Minitron)
+    "scores_s": 60.0,  # Taylor or activation scores on 128 blocks of 128 tokens (once per method: cached)
+    "zs_tokens_s": 180.0,  # evaluate.py zero-shot on the dense model in fp32, positions per CPU second
+    "ppl_tokens_s": 215.0,  # evaluate.py perplexity on the dense model in fp32
     "load_s": 15.0,  # a process start: torch, the GGUF dequantised, the tokenizer
-    "ft_step_s": 7.0,  # post fine-tuning step, 4 Alpaca examples of <= 256 tokens: estimated, not measured
 }
 ITEM_TOKENS = {"boolq": 145.5, "piqa": 62.0, "hellaswag": 177.6, "winogrande": 27.7, "arc_easy": 45.4,
                "arc_challenge": 57.2, "openbookqa": 25.3}  # positions per item the evaluator runs, full sets
@@ -373,17 +338,15 @@ def eval_cost(a: argparse.Namespace, target: float) -> float:
 
 def train_cost(a: argparse.Namespace, job: Job) -> float:
     """Estimated CPU seconds of a job's training (export and held-out perplexities included)."""
-    scale = a.batch_size * a.block_size / 512  # the measurements are of 4 x 128-token steps
+    steps = a.steps * job.scale * a.batch_size * a.block_size / 512  # the measurements are of 4 x 128-token steps
     if job.kind == "oneshot":
-        taylor = MEASURED["taylor_scores_s"] if job.method == "taylor" and job.target == 0.5 else 0.0
-        return a.steps * MEASURED["lora_step_s"][job.target] * scale + taylor + 2 * MEASURED["load_s"]
+        lora = MEASURED["lora_step_s"][job.target] * (MEASURED["kd_lora"] if job.method == "minitron" else 1.0)
+        return steps * lora + MEASURED["scores_s"] + 2 * MEASURED["load_s"]
     if job.kind != "nuteprune":
         return 0.0
-    snapshots = round(job.target / 0.01) if a.eval_every and job.method in ("pkd", "pkd-kh") else 0
-    evals = (snapshots + a.steps // a.eval_every if a.eval_every else 0) * a.heldout_blocks * a.block_size
-    ft = a.ft_steps * MEASURED["ft_step_s"] + MEASURED["load_s"] if with_ft(a, job) else 0.0
-    return (a.steps * MEASURED["prune_step_s"] * scale + evals / MEASURED["ppl_tokens_s"] + ft
-            + 3 * MEASURED["load_s"])
+    snapshots = round(job.target / 0.01) if a.eval_every and job.method.startswith("pkd") else 0
+    evals = (snapshots + a.steps * job.scale // a.eval_every if a.eval_every else 0) * a.heldout_blocks * a.block_size
+    return steps * MEASURED["prune_step_s"] + evals / MEASURED["ppl_tokens_s"] + 3 * MEASURED["load_s"]
 
 
 def budget_lines(a: argparse.Namespace, results: dict) -> list[str]:
@@ -398,11 +361,11 @@ def budget_lines(a: argparse.Namespace, results: dict) -> list[str]:
         else:
             est_e = eval_cost(a, job.target) * len(rows_of(a, job))
         total += est_t + est_e
-        tokens = a.steps * a.batch_size * a.block_size if job.kind in ("oneshot", "nuteprune") else 0
+        tokens = a.steps * job.scale * a.batch_size * a.block_size if job.kind in ("oneshot", "nuteprune") else 0
         got = results.get("job_cpu", {}).get(job.name)
         lines.append(f"| {job.name} | {tokens:,} | {est_t / 60:.0f} | {est_e / 60:.0f} | "
                      f"{'—' if got is None else f'{got / 60:.0f}'} |")
-    lines.append(f"| **total** | | | **{total / 3600:.1f} CPU-hours** (budget 8) | "
+    lines.append(f"| **total** | | | **{total / 3600:.1f} CPU-hours** (budget {a.budget_hours:g}) | "
                  f"{results.get('cpu_s', 0) / 3600:.2f} CPU-hours so far |")
     return lines
 
@@ -410,10 +373,10 @@ def budget_lines(a: argparse.Namespace, results: dict) -> list[str]:
 # tables: pure functions of the row records
 
 COLUMNS = PPL_TASKS + ZERO_SHOT + ("average",)
-TUNING = {"dense": "—", "magnitude": "LoRA after pruning", "taylor": "LoRA after pruning",
-          "pkd": "LoRA while pruning", "kd": "LoRA while pruning", "pkd+ft": "+ post fine-tuning (Alpaca)",
-          "pkd-kh": "LoRA while pruning"}
-ORDER = ("dense", "magnitude", "taylor", "kd", "pkd", "pkd-kh", "pkd+ft")
+TUNING = {"dense": "—", "taylor": "LoRA after pruning (next-token loss)", "minitron": "LoRA after pruning (KD)",
+          "pkd": "LoRA while pruning", "kd": "LoRA while pruning", "pkd-m": "LoRA while pruning",
+          "kd-m": "LoRA while pruning"}
+ORDER = ("dense", "taylor", "minitron", "pkd", "kd", "pkd-m", "kd-m")
 
 
 def fmt(values: list[float], digits: int = 2) -> str:
@@ -425,11 +388,19 @@ def fmt(values: list[float], digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def key(r: dict) -> tuple:
+    return r["target"], r["method"], r.get("scale", 1)
+
+
+def order(k: tuple) -> tuple:
+    return k[2], k[0], ORDER.index(k[1])  # the 4x-token rows after the rest
+
+
 def groups(rows: list[dict]) -> list[tuple[tuple, list[dict]]]:
-    """Rows grouped by (target, method), in the table's order: ratio, then method."""
+    """Rows grouped by (target, method, scale), in the table's order: ratio, then method; the scaled rows last."""
     out = {}
-    for r in sorted(rows, key=lambda r: (r["target"], ORDER.index(r["method"]), r["seed"] or 0)):
-        out.setdefault((r["target"], r["method"]), []).append(r)
+    for r in sorted(rows, key=lambda r: (*order(key(r)), r["seed"] or 0)):
+        out.setdefault(key(r), []).append(r)
     return list(out.items())
 
 
@@ -445,13 +416,16 @@ def flag(rows: list[dict]) -> str:
     return "; ".join(notes) or "ok"
 
 
-def planned(a: argparse.Namespace) -> list[tuple[float, str]]:
-    """(target, method) of every table row the grid makes, in the table's order."""
-    keys = {(j.target, j.method + ("+ft" if r.endswith("+ft") else "")) for j in plan(a) for r in rows_of(a, j)}
-    return sorted(keys, key=lambda k: (k[0], ORDER.index(k[1])))
+def planned(a: argparse.Namespace) -> list[tuple]:
+    """(target, method, scale) of every table row the grid makes, in the table's order."""
+    return sorted({(j.target, j.method, j.scale) for j in plan(a) if rows_of(a, j)}, key=order)
 
 
-def main_table(rows: list[dict], todo: list[tuple[float, str]] = ()) -> list[str]:
+def label(k: tuple) -> str:
+    return LABELS[k[1]] + (f", {k[2]}× tokens" if k[2] > 1 else "")
+
+
+def main_table(rows: list[dict], todo: list[tuple] = ()) -> list[str]:
     """The paper's Table 1 shape: per ratio and method, perplexities, the seven tasks and their average. The dense
     model's C4 held-out perplexity is the one every run measured before pruning (the same blocks)."""
     dense_heldout = [v for r in rows if (v := r["heldout_ppl"]["dense"]) is not None][:1]
@@ -459,13 +433,14 @@ def main_table(rows: list[dict], todo: list[tuple[float, str]] = ()) -> list[str
         HEADERS.get(c, "Average↑") for c in COLUMNS] + ["C4 held-out PPL", "Sparsity check"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     done = dict(groups(rows))
-    for target, method in sorted(set(todo) | set(done), key=lambda k: (k[0], ORDER.index(k[1]))):
-        rs = done.get((target, method))
+    for k in sorted(set(todo) | set(done), key=order):
+        target, method, _ = k
+        rs = done.get(k)
         if rs is None:
-            lines.append(f"| {round(target * 100)}% | {LABELS[method]} | {TUNING[method]} | pending |"
+            lines.append(f"| {round(target * 100)}% | {label(k)} | {TUNING[method]} | pending |"
                          + " |" * (len(head) - 4))
             continue
-        cells = [f"{round(target * 100)}%", LABELS[method], TUNING[method], ", ".join(
+        cells = [f"{round(target * 100)}%", label(k), TUNING[method], ", ".join(
             str(r["seed"]) for r in rs) if rs[0]["seed"] is not None else "—",
                  f"{statistics.mean(r['params'] for r in rs) / 1e6:.1f}M "
                  f"({statistics.mean(r['params'] / r['params_dense'] for r in rs):.1%})",
@@ -478,33 +453,53 @@ def main_table(rows: list[dict], todo: list[tuple[float, str]] = ()) -> list[str
     return lines
 
 
+def compare(a_rows: list[dict], b_rows: list[dict], metric: str, lower_better: bool) -> str:
+    """'beats' / 'loses to' beyond one std (the larger of the two rows' seed stds), else 'level with'."""
+    av, bv = ([r["metrics"][metric] for r in rs if metric in r["metrics"]] for rs in (a_rows, b_rows))
+    if not av or not bv:
+        return "not comparable"
+    std = max(statistics.stdev(v) if len(v) > 1 else 0.0 for v in (av, bv))
+    diff = statistics.mean(av) - statistics.mean(bv)
+    if min(len(av), len(bv)) < 2:
+        word = "one seed: no std to judge by"
+    elif abs(diff) <= std:
+        word = f"within one std ({std:.2f})"
+    else:
+        word = f"beyond one std ({std:.2f})"
+    better = (diff < 0) == lower_better
+    return f"{fmt(av)} vs {fmt(bv)}: {'better' if better else 'worse'}, {word}"
+
+
 def verdicts(rows: list[dict]) -> list[str]:
-    """Plain comparisons from the table: NutePrune PKD against the better one-shot + LoRA at each ratio (WikiText-2
-    perplexity and average accuracy), and PKD against KD at 50% (judged against the seed std when there are two)."""
-    by = {k: rs for k, rs in groups(rows)}
+    """Plain comparisons from the table at each ratio: the modern recipe (PKD) against the two baselines and against
+    the paper's recipe, on WikiText-2 perplexity and the average accuracy, judged against the seed std."""
+    by = {k[:2]: rs for k, rs in groups(rows) if k[2] == 1}
     out = []
     for t in (0.2, 0.5):
-        p = by.get((t, "pkd"))
-        base = [(m, by[(t, m)]) for m in ("magnitude", "taylor") if (t, m) in by]
-        if not p or not base:
-            continue
-        mean = lambda rs, k: statistics.mean(r["metrics"][k] for r in rs if k in r["metrics"])  # noqa: E731
-        best = min(base, key=lambda mb: mean(mb[1], "wikitext2"))
-        beats = mean(p, "wikitext2") < mean(best[1], "wikitext2")
-        out.append(f"{round(t * 100)}%: PKD WikiText-2 {mean(p, 'wikitext2'):.2f} vs the better one-shot + LoRA "
-                   f"({best[0]}) {mean(best[1], 'wikitext2'):.2f}; average accuracy {mean(p, 'average'):.2f} vs "
-                   f"{mean(best[1], 'average'):.2f}. NutePrune {'beats' if beats else 'does not beat'} the one-shot "
-                   f"baselines on perplexity at equal tokens and steps.")
-    p, k = by.get((0.5, "pkd")), by.get((0.5, "kd"))
-    if p and k:
-        pv, kv = [r["metrics"]["wikitext2"] for r in p], [r["metrics"]["wikitext2"] for r in k]
-        std = max(statistics.stdev(pv) if len(pv) > 1 else 0.0, statistics.stdev(kv) if len(kv) > 1 else 0.0)
-        seeds = "one seed each: no seed std to judge by" if min(len(pv), len(kv)) < 2 else (
-            f"{'beyond' if abs(statistics.mean(pv) - statistics.mean(kv)) > std else 'within'} the larger seed std "
-            f"{std:.2f}")
-        out.append(f"50%: PKD WikiText-2 {fmt(pv)} vs KD {fmt(kv)} ({seeds}); average accuracy "
-                   f"{fmt([r['metrics']['average'] for r in p])} vs {fmt([r['metrics']['average'] for r in k])}.")
+        for a_m, b_m in (("pkd-m", "taylor"), ("pkd-m", "minitron"), ("kd-m", "minitron"), ("pkd-m", "pkd"),
+                         ("pkd-m", "kd-m")):
+            a_rows, b_rows = by.get((t, a_m)), by.get((t, b_m))
+            if a_rows and b_rows:
+                out.append(f"{round(t * 100)}%, {LABELS[a_m]} vs {LABELS[b_m]}: WikiText-2 "
+                           f"{compare(a_rows, b_rows, 'wikitext2', True)}; average accuracy "
+                           f"{compare(a_rows, b_rows, 'average', False)}.")
     return out
+
+
+def controller_lines(rows: list[dict]) -> list[str]:
+    """The controller per NutePrune row (mean ± std over seeds): how far the expected sparsity swings about the
+    target in the second half of the steps after the warm-up, and its gap at the last step."""
+    lines = ["| Ratio | Method | Seeds | half peak-to-peak (pp) | RMS gap (pp) | largest gap (pp) | gap at the last step "
+             "(pp) | forced target |", "|---|---|---|---|---|---|---|---|"]
+    for k, rs in groups(rows):
+        cs = [r["controller"] for r in rs if r.get("controller")]
+        if not cs:
+            continue
+        pp = lambda name: fmt([100 * c[name] for c in cs])  # noqa: E731
+        lines.append(f"| {round(k[0] * 100)}% | {label(k)} | {', '.join(str(r['seed']) for r in rs)} | "
+                     f"{pp('half_peak_to_peak')} | {pp('rms_gap')} | {pp('max_abs_gap')} | {pp('last_gap')} | "
+                     f"{sum(bool(r.get('warning')) for r in rs)} of {len(rs)} |")
+    return lines
 
 
 def authors_lines(rows: list[dict], full: dict | None, a: argparse.Namespace) -> list[str]:
@@ -551,17 +546,17 @@ def limit_lines(rows: list[dict], full: dict | None, a: argparse.Namespace) -> l
 
 
 def runs_lines(rows: list[dict]) -> list[str]:
-    lines = ["| row | seed | steps | tokens seen | post-ft steps | sparsity (target) | expected / trained masks at "
-             "the end | C4 held-out PPL dense → one-shot → final | train wall / CPU min | eval wall / CPU min |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["target"], ORDER.index(r["method"]), r["seed"] or 0)):
+    lines = ["| row | seed | steps | tokens seen | sparsity (target) | expected / trained masks at the end | C4 "
+             "held-out PPL dense → one-shot → final | train wall / CPU min | eval wall / CPU min |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (*order(key(r)), r["seed"] or 0)):
         h = r["heldout_ppl"]
         ppl = " → ".join("—" if v is None else f"{v:.2f}" for v in (h["dense"], h["oneshot"], h["after"]))
         fit = ("—" if r["expected_sparsity_at_end"] is None else
                f"{r['expected_sparsity_at_end']:.4f} / {r['trained_masks_sparsity']:.4f}")
         tr, ev = r["train_time"], r["eval_time"]
         lines.append(f"| {r['row']} | {r['seed'] if r['seed'] is not None else '—'} | {r['steps']} | "
-                     f"{r['tokens_seen']:,} | {r['ft_steps']} | {r['sparsity']:.4f} ({r['target']:g}) | {fit} | {ppl} "
+                     f"{r['tokens_seen']:,} | {r['sparsity']:.4f} ({r['target']:g}) | {fit} | {ppl} "
                      f"| {tr['wall_s'] / 60:.1f} / {tr['cpu_s'] / 60:.1f} | {ev['wall_s'] / 60:.1f} / "
                      f"{ev['cpu_s'] / 60:.1f} |")
     return lines
@@ -569,7 +564,7 @@ def runs_lines(rows: list[dict]) -> list[str]:
 
 def commands_lines(rows: list[dict]) -> list[str]:
     lines = []
-    for r in sorted(rows, key=lambda r: (r["target"], ORDER.index(r["method"]), r["seed"] or 0)):
+    for r in sorted(rows, key=lambda r: (*order(key(r)), r["seed"] or 0)):
         lines += [f"- `{r['row']}`:"] + [f"  - `{c}`" for c in r["commands"]]
     return lines
 
@@ -587,34 +582,11 @@ def code_lines(rows: list[dict], info: dict) -> list[str]:
 # -----------------------------------------------------------------------------
 # results.md
 
-# The pilots behind --lr-mask, --lr-lambda and --layer-weight (pkd, seed 0, run by hand with nuteprune.py before the
-# grid: the grid's 300 steps and warm-up, but one block of 64 tokens per step, so that each took minutes; not rerun
-# by this script).
-PILOT = (
-    "Learning rates and the layer loss, from pilots (pkd, seed 0, the grid's 300 steps and warm-up but one block of "
-    "64 tokens per step, so that each took minutes; run by hand with nuteprune.py, not by this script). The paper's "
-    "`--lr-mask 0.1 --lr-lambda 0.1` barely move the masks in a few hundred steps (experiments/pkd.py's stories260K "
-    "pilot: expected sparsity 0.010 at step 323 of 1,022), so the masks get 1 / 1, as in experiments/pkd.py. "
-    "**The layer loss.** With the paper's Eq. 8 at weight 0.9, at 50% the expected sparsity passed the target at "
-    "step ~70 and kept rising: 0.59 at step 180 with lambda_1 at 122 (stopped there); with `--lr-lambda 10` it stayed "
-    "at 0.59-0.60 from step 190 to 300 with lambda_1 at 2,288, the final masks were forced (9,775 FFN channels moved) "
-    "and the held-out perplexity went from 126 to 99,970. SmolLM2's hidden states have massive activations (dim 507 "
-    "reaches |h| = 22,695, the next ones 1,941 and 1,834; 8 of the 576 dims hold 98% of the squared norm), so Eq. "
-    "8's MSE is 1e4-1e6 and dominated by those dims, and it counts only the dims where the student is non-zero: "
-    "pruning a massive dim removes its error from the loss. Our reading: the layer loss pulls the masks toward more "
-    "sparsity and toward the massive dims (3 of the top 8 were pruned). So every NutePrune run here uses "
-    "`--layer-weight 0`, the logit KL of Eq. 7 alone (weight 0.1), for PKD and KD alike, so their comparison stays "
-    "fair (the baselines have no distillation loss). **The rates, without the layer loss.** The expected sparsity "
-    "oscillates about the target with a period of 100-150 steps and an amplitude of 4-6 pp in every setting tried, "
-    "so whether the last step lands within the 2 pp the forced-target warning allows is partly a matter of phase. "
-    "50%, `--lr-lambda 1`: 0.61 at step 130, 0.46 at step 180, 0.4987 at step 300 (trained masks 0.4989: no forced "
-    "target); `--lr-lambda 5`: swings of ±5 pp, 0.508 at step 300. 20%, `--lr-lambda 1`: 0.244 at step 200, 0.157 "
-    "at step 300 (forced target); the same with the warm-up of 50% (1 epoch of 7): 0.46 at step 60, 0.10 at step "
-    "260 (stopped); `--lr-lambda 5`: 0.142 (forced); `--lr-mask 0.3`: 0.137 at step 180, 0.251 at step 260, 0.198 "
-    "at step 300; two blocks a step with 1 / 1: 0.154 at step 200, 0.2007 at step 300 (trained masks 0.1985: no "
-    "forced target). The grid uses `--lr-mask 1 --lr-lambda 1 --layer-weight 0` and the paper's warm-up; each of "
-    "the grid's steps reads 8 times the pilots' tokens (512 against 64), so its gradients are less noisy; the "
-    "grid's own fit (expected and trained-mask sparsity at the end) is in the table, flagged when off.")
+# What experiments/massive.py found with the paper's recipe, and the pilots behind the modern recipe: written from
+# experiments/results/smollm2/diagnostic/ (each with its command there), not rerun by this script.
+DIAGNOSTIC = (
+    "Why the paper's recipe fails on SmolLM2, and what the modern recipe changes: "
+    "experiments/results/smollm2/diagnostic/README.md (experiments/massive.py, one command per run).")
 
 
 def markdown(rows: list[dict], a: argparse.Namespace, info: dict) -> str:
@@ -623,14 +595,19 @@ def markdown(rows: list[dict], a: argparse.Namespace, info: dict) -> str:
               f"({'the first ' + str(a.ppl_windows) + ' windows' if a.ppl_windows else 'every window'}). Accuracy "
               f"(%): acc for BoolQ, PIQA, WinoGrande, ARC-e; acc_norm for HellaSwag, ARC-c, OBQA (the paper's mix); "
               f"{'the first ' + str(a.limit) + ' items of each set' if a.limit else 'every item'}; mean ± sample std "
-              f"where a row has two seeds (the others have one). C4 held-out PPL: the {a.heldout_blocks} blocks of "
-              f"{a.block_size} tokens every run holds out of the calibration file. Sparsity check: exported prunable "
-              f"sparsity within 0.5 pp of the target and no forced-target warning, or what went wrong.", ""]
+              f"over the seeds. C4 held-out PPL: the {a.heldout_blocks} blocks of {a.block_size} tokens every run "
+              f"holds out of the calibration file. Sparsity check: exported prunable sparsity within 0.5 pp of the "
+              f"target and no forced-target warning, or what went wrong.", ""]
     lines += main_table(rows, planned(a)) + [""] + [f"- {v}" for v in verdicts(rows)]
     lines += ["", "![](smollm2.png)", ""] if rows else [""]
+    lines += ["## The controller", "", "The expected sparsity of every NutePrune run against its target: the swing in "
+              "the second half of the steps after the warm-up, and the gap at the last step (a gap over 2 pp at the "
+              "end forces the final masks to the target: the forced-target warning).", ""]
+    lines += controller_lines(rows) + ["", "![](controller.png)", ""]
     lines += ["## The dense model beside its authors' numbers", ""] + authors_lines(rows, info.get("full"), a)
     lines += ["", "## --limit against the full sets (dense model)", ""] + limit_lines(rows, info.get("full"), a)
-    lines += ["", "## Every run", ""] + runs_lines(rows) + ["", "Commands:", ""] + commands_lines(rows)
+    lines += ["", "## Every run", ""] + runs_lines(rows) + ["", "Commands (from the repository folder):", ""]
+    lines += commands_lines(rows)
     lines += ["", "## Code", ""] + code_lines(rows, info) + ["", "## Closing note", ""] + closing_lines(rows, info)
     return "\n".join(lines) + "\n"
 
@@ -638,57 +615,62 @@ def markdown(rows: list[dict], a: argparse.Namespace, info: dict) -> str:
 def intro_lines(a: argparse.Namespace, info: dict) -> list[str]:
     cal = info.get("calibration", {})
     tokens = a.steps * a.batch_size * a.block_size
-    return ["# SmolLM2-135M-Instruct pruned to 20% and 50%: NutePrune against one-shot baselines (issue 19)", "",
+    return ["# SmolLM2-135M-Instruct pruned to 20% and 50%: NutePrune, paper and modern recipes, against Taylor and "
+            "Minitron-style one-shot pruning (issue 28)", "",
             (f"Generated by `python experiments/smollm2.py {' '.join(info['argv'])}`." if info.get("ran") else
              "Nothing has run yet: this is the plan. The grid: `python experiments/smollm2.py --out runs/smollm2`."),
             "",
             "Model: SmolLM2-135M-Instruct (30 layers, hidden 576, 9 query / 3 K/V heads, FFN 1536, vocabulary 49,152, "
             "tied embeddings; 134.5M parameters, 106.2M of them prunable), the Q4_1 GGUF in shared/models "
-            "dequantised to fp32: the dense row is that model, not the original bf16 one.",
+            "dequantised: the dense row is that model, not the original bf16 one. It has massive activations: "
+            "hidden dim 507 holds 95% of the squared norm of the hidden states.",
             "",
             f"Calibration, one set for every row: the first 1,000 documents of C4 en shard 00000, "
             f"{cal.get('blocks', 0):,} blocks of {a.block_size} tokens ({cal.get('tokens', 0):,} tokens), the last "
             f"{a.heldout_blocks} held out. Every pruned model saw {tokens:,} calibration tokens ({a.steps} steps of "
             f"{a.batch_size} × {a.block_size}; {tokens / PAPER_TOKENS:.2%} of the paper's 7 epochs of 20k × 512 = "
-            f"{PAPER_TOKENS / 1e6:.1f}M tokens): NutePrune while pruning (masks and LoRA together), the one-shot "
-            f"baselines in their LoRA phase (Taylor's scores also read 128 blocks once).",
+            f"{PAPER_TOKENS / 1e6:.1f}M tokens), {a.scale}× that in the rows marked so: NutePrune while pruning "
+            f"(masks and LoRA together), the one-shot baselines in their LoRA phase (their scores also read 128 "
+            f"blocks once). Training in {a.dtype} (frozen base weights and autocast; LoRA, gates and lambdas fp32), "
+            f"evaluation in {a.eval_dtype}.",
             "",
             f"NutePrune runs: `nuteprune.py --target T --block-size {a.block_size} --batch-size {a.batch_size} "
             f"--micro-batch-size {a.batch_size} --max-steps {a.steps} --epochs 7 --lr-mask {a.lr_mask:g} --lr-lambda "
-            f"{a.lr_lambda:g} --layer-weight {a.layer_weight:g}"
-            f"{'' if a.warmup_epochs is None else f' --warmup-epochs {a.warmup_epochs:g}'} --heldout-blocks "
-            f"{a.heldout_blocks} --eval-every {a.eval_every}` (+ `--distill kd`); everything else is the paper's "
-            f"recipe (gap 10%, interval 1%, KD temperature 2/3, KD weight 0.1, LoRA rank 8 on q, v at 1e-3, "
-            + ("warm-up 1 of 7 epochs at 50% and 4 of 7 at 20%" if a.warmup_epochs is None else
-               f"warm-up {a.warmup_epochs:g} of 7 epochs at both targets (the paper: 1 at 50%, 4 at 20%)")
-            + ", scaled to the steps). "
-            f"Post fine-tuning (PKD 20% only): {a.ft_steps} steps of {a.ft_batch_size} Stanford-Alpaca examples of "
-            f"at most {a.ft_max_len} tokens (alpaca_data_first200.json: the first 200 of the 52k), LoRA on every "
-            f"projection at 1e-4; its model before fine-tuning is the PKD 20% row.",
+            f"{a.lr_lambda:g} --heldout-blocks {a.heldout_blocks} --eval-every {a.eval_every} --dtype {a.dtype}` "
+            f"(+ `--distill kd`): the paper's recipe (Eq. 8's layer loss at 0.9, KL at 0.1, Adam on the lambdas, "
+            f"gap 10%, interval 1%, KD temperature 2/3, LoRA rank 8 on q, v at 1e-3, warm-up 1 of 7 epochs at 50% "
+            f"and 4 of 7 at 20%, scaled to the steps), but for the mask and lambda learning rates (the paper's 0.1 "
+            f"barely moves the masks in {a.steps} steps). The modern recipe: the same with `--recipe modern "
+            f"--lr-lambda {a.lr_lambda_modern:g}` ({modern_text()}).",
             "",
-            f"Baselines (`experiments/baselines.py`): the same structures (query heads, FFN channels, hidden dims) "
-            f"pruned one-shot to the target, a uniform keep fraction per layer; magnitude = L2 norm of the unit's "
-            f"weights, Taylor = |dL/dz| at z = 1 summed over 128 calibration blocks (first-order |w · grad| per "
-            f"unit); then LoRA rank 8 on q, v of the pruned model, next-token loss, lr 1e-3 decaying to 0, for the "
-            f"same {a.steps} steps of {a.batch_size} blocks (sampled with replacement; NutePrune reads them in epoch "
-            f"order)."]
+            "Baselines (`experiments/baselines.py`): query heads, FFN channels and hidden dims pruned one-shot to the "
+            "target, the same keep fraction in every layer; Taylor = |dL/dz| at z = 1 summed over 128 calibration "
+            "blocks (first-order |w · grad| per unit), then LoRA trained on the next-token loss; Minitron-style = "
+            "activation importance on the same 128 blocks (a head by the L2 norm of its output, an FFN channel by "
+            "|silu(gate) · up|, a hidden dim by |RMSNorm output| over every norm; massive dims rank first), then LoRA "
+            "trained on the dense model's logits (KL at temperature 1). LoRA rank 8 on q, v, lr 1e-3 decaying to 0, "
+            f"the same {a.steps} steps of {a.batch_size} blocks (sampled with replacement; NutePrune reads them in "
+            f"epoch order)."]
+
+
+def modern_text() -> str:
+    import flags
+    return ", ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, bool) else f"--{k.replace('_', '-')}"
+                     for k, v in flags.RECIPES["modern"].items())
 
 
 def plan_text(a: argparse.Namespace) -> list[str]:
     m = MEASURED
-    return [f"Measured on this (shared, busy) 2-core machine, one thread, CPU seconds, so upper bounds: a "
-            f"`nuteprune.prune_step` (PKD with the layer loss; the grid's, without it, costs a little less) on 4 × "
-            f"128 tokens takes {m['prune_step_s']:.1f} s (bench/prune_flops.py; about 58 tokens/s, 0.81 GFLOP a "
-            f"token); a baseline LoRA step on the same tokens {m['lora_step_s'][0.5]:.1f} s at 50% and "
-            f"{m['lora_step_s'][0.2]:.1f} s at 20%; Taylor scores {m['taylor_scores_s']:.0f} s once; the "
-            f"evaluator {m['zs_tokens_s']:.0f} positions/s (zero-shot) and {m['ppl_tokens_s']:.0f} tokens/s "
-            f"(perplexity) on the dense model. The full zero-shot sets are 2.6M positions (HellaSwag 1.8M): about "
-            f"4 CPU-hours per model, hence --limit.", "",
-            f"The grid must fit about 8 CPU-hours, so: {a.steps} steps of {a.batch_size} × {a.block_size} tokens "
-            f"(the paper: 512-token blocks, batch 16), {a.limit} items per zero-shot task, {a.ppl_windows} "
-            f"perplexity windows, "
-            f"{'no second seed' if not a.extra_seeds else 'a second seed for PKD and KD at 50% last'}.",
-            "", PILOT, ""]
+    return [f"Measured on this 2-core machine with two one-thread workers side by side, CPU seconds: a "
+            f"`nuteprune.prune_step` in bf16 on 4 × 128 tokens {m['prune_step_s']:.1f} s; a baseline LoRA step "
+            f"{m['lora_step_s'][0.5]:.1f} s at 50% and {m['lora_step_s'][0.2]:.1f} s at 20% (×{m['kd_lora']:g} with "
+            f"the dense model's forward for KD); the evaluator {m['zs_tokens_s']:.0f} positions/s (zero-shot) and "
+            f"{m['ppl_tokens_s']:.0f} tokens/s (perplexity) on the dense model in fp32. The full zero-shot sets are "
+            f"2.6M positions (HellaSwag 1.8M): about 4 CPU-hours per model, hence --limit.", "",
+            f"The grid must fit about {a.budget_hours:g} CPU-hours, so: {a.steps} steps of {a.batch_size} × "
+            f"{a.block_size} tokens (the paper: 512-token blocks, batch 16), {a.limit} items per zero-shot task, "
+            f"{a.ppl_windows} perplexity windows, seeds {', '.join(map(str, a.seeds))} for every row, and "
+            f"{a.scale}× the tokens at 20% for {', '.join(a.scaled) or 'no row'}.", "", DIAGNOSTIC, ""]
 
 
 def closing_lines(rows: list[dict], info: dict) -> list[str]:
@@ -728,21 +710,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=128, help="tokens per calibration block")
     p.add_argument("--heldout-blocks", type=int, default=16, help="the last blocks of the C4 file, never trained on")
     p.add_argument("--lr-mask", type=float, default=1.0, help="log_alpha learning rate (paper 0.1; see results.md)")
-    p.add_argument("--lr-lambda", type=float, default=1.0, help="lambda learning rate (paper 0.1; see results.md)")
-    p.add_argument("--layer-weight", type=float, default=0.0, help="weight of the layer loss, Eq. 8 (paper 0.9; see "
-                   "results.md: on SmolLM2 it prunes the massive-activation dims)")
-    p.add_argument("--warmup-epochs", type=float, default=None, help="target warm-up in epochs of 7 (default: the "
-                   "paper's, 4 at 20%%, 1 at 50%%; see results.md)")
+    p.add_argument("--lr-lambda", type=float, default=1.0, help="lambda learning rate of the paper's recipe rows "
+                   "(paper 0.1; see results.md)")
+    p.add_argument("--lr-lambda-modern", type=float, default=1.0, help="lambda learning rate of the modern recipe rows")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="training precision (nuteprune.py and "
+                   "baselines.py --dtype)")
+    p.add_argument("--eval-dtype", choices=("fp32", "bf16"), default="fp32", help="evaluate.py --dtype")
     p.add_argument("--eval-every", type=int, default=100, help="student perplexity every N steps and each snapshot's "
                    "(nuteprune.py --eval-every; 0: none)")
-    p.add_argument("--ft-steps", type=int, default=50, help="post fine-tuning steps of PKD 20%%")
-    p.add_argument("--ft-batch-size", type=int, default=4)
-    p.add_argument("--ft-max-len", type=int, default=256)
-    p.add_argument("--no-ft", action="store_true", help="no post fine-tuning (and no PKD 20%% + ft row)")
+    p.add_argument("--seeds", default="0,1", help="seeds of every row")
+    p.add_argument("--scale", type=int, default=4, help="the budget point: this many times the tokens and steps")
+    p.add_argument("--scaled", default="pkd-m,minitron", help="the rows run at --scale times the tokens, at 20%% and "
+                   "the first seed ('' none)")
+    p.add_argument("--budget-hours", type=float, default=10.0, help="the CPU-hours the plan is made for")
     p.add_argument("--limit", type=int, default=100, help="first N items of every zero-shot task (0: all)")
     p.add_argument("--ppl-windows", type=int, default=128, help="first N perplexity windows (0: all)")
     p.add_argument("--seq-len", type=int, default=128, help="perplexity window (LLM-Pruner's tables: 128)")
-    p.add_argument("--extra-seeds", default="1", help="seeds of the second PKD and KD 50%% runs, last ('' none)")
     p.add_argument("--budget-min", type=float, default=0, help="stop (SIGTERM the running job, which checkpoints) "
                    "after this many minutes; 0: no limit")
     p.add_argument("--code", default=None, help="run nuteprune.py, baselines.py and evaluate.py from this copy of "
@@ -754,36 +737,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-POSITIVE = ("steps", "batch_size", "block_size", "ft_steps", "ft_batch_size", "ft_max_len", "seq_len")
+POSITIVE = ("steps", "batch_size", "block_size", "seq_len", "scale")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     a = build_parser().parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        a.extra_seeds = [int(s) for s in a.extra_seeds.split(",") if s.strip()]
+        a.seeds = list(dict.fromkeys(int(s) for s in a.seeds.split(",") if s.strip()))
     except ValueError:
-        raise ValueError(f"--extra-seeds must be comma-separated integers, got {a.extra_seeds!r}") from None
+        raise ValueError(f"--seeds must be comma-separated integers, got {a.seeds!r}") from None
+    if not a.seeds:
+        raise ValueError("--seeds: give at least one seed")
+    a.scaled = [m for m in a.scaled.split(",") if m.strip()]
+    if unknown := [m for m in a.scaled if m not in ONESHOT + NUTEPRUNE]:
+        raise ValueError(f"--scaled: no row {', '.join(unknown)}; the rows are {', '.join(ONESHOT + NUTEPRUNE)}")
     a.only = [j for j in a.only.split(",") if j.strip()]
     names = [j.name for j in plan(a)]
     if unknown := [j for j in a.only if j not in names]:
         raise ValueError(f"--only: no job named {', '.join(unknown)}; the jobs are {', '.join(names)}")
-    if 0 in a.extra_seeds:
-        raise ValueError("--extra-seeds: seed 0 is every job's first seed; give others")
     for name in POSITIVE:
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    if a.warmup_epochs is not None and not 0 <= a.warmup_epochs <= 7:
-        raise ValueError(f"--warmup-epochs must lie in [0, 7] (of the 7 epochs), got {a.warmup_epochs}")
     for name in ("limit", "ppl_windows", "eval_every", "heldout_blocks", "budget_min"):
         if getattr(a, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(a, name)}")
     return a
 
 
-CONFIG_KEYS = ("model", "steps", "batch_size", "block_size", "heldout_blocks", "lr_mask", "lr_lambda", "layer_weight",
-               "warmup_epochs", "eval_every", "ft_steps", "ft_batch_size", "ft_max_len", "no_ft", "limit",
-               "ppl_windows", "seq_len")
+CONFIG_KEYS = ("model", "steps", "batch_size", "block_size", "heldout_blocks", "lr_mask", "lr_lambda",
+               "lr_lambda_modern", "dtype", "eval_dtype", "eval_every", "scale", "limit", "ppl_windows", "seq_len")
 
 
 def start(a: argparse.Namespace, t_start: float) -> pkd.Ctx:
@@ -846,12 +829,35 @@ def missing(a: argparse.Namespace, jobs: list[Job], rows: list[dict], full: dict
 def plot(rows: list[dict], path: Path):
     import plots
     series = {}
-    for (target, method), rs in groups(rows):
+    for k, rs in groups(rows):
         m = [r["metrics"] for r in rs]
-        mean = lambda k: statistics.mean(x[k] for x in m) if all(k in x for x in m) else None  # noqa: E731
-        series.setdefault(LABELS[method], []).append(
+        mean = lambda x: statistics.mean(v[x] for v in m) if all(x in v for v in m) else None  # noqa: E731
+        series.setdefault(label(k), []).append(
             (statistics.mean(r["params"] for r in rs) / 1e6, mean("average"), mean("wikitext2")))
     plots.plot_methods(series, path, "SmolLM2-135M-Instruct: pruned to 20% and 50% (experiments/smollm2.py)")
+
+
+def plot_controller(rows: list[dict], path: Path):
+    """Expected sparsity against the step, the paper's recipe beside the modern one (first seed, both targets)."""
+    plt = __import__("plots")._pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=False)
+    for ax, target in zip(axes, (0.2, 0.5)):
+        for method, colour in (("pkd", "C3"), ("kd", "C1"), ("pkd-m", "C0"), ("kd-m", "C2")):
+            rs = [r for r in rows if r["target"] == target and r["method"] == method and r.get("scale", 1) == 1
+                  and r.get("trace")]
+            if rs:
+                r = min(rs, key=lambda r: r["seed"])
+                ax.plot(*zip(*r["trace"]), color=colour, lw=1.3, label=f"{LABELS[method]} (seed {r['seed']})")
+        ax.axhline(target, color="k", ls="--", lw=0.8)
+        ax.set_title(f"target {target:g}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("expected sparsity (Eq. 3)")
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main_run(a: argparse.Namespace) -> list[dict]:
@@ -881,6 +887,7 @@ def main_run(a: argparse.Namespace) -> list[dict]:
     results_dir.mkdir(parents=True, exist_ok=True)
     if not a.no_plots and rows:
         plot(rows, results_dir / "smollm2.png")
+        plot_controller(rows, results_dir / "controller.png")
     pkd.write_json(results_dir / "results.json", {"info": {k: v for k, v in info.items() if k != "bench"},
                                                   "invocations": invocations, "rows": rows})
     (results_dir / "results.md").write_text(markdown(rows, a, info))

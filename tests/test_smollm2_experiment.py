@@ -23,23 +23,22 @@ SMOLLM2 = llama.LlamaConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_d
                             tie_embeddings=True)
 
 
-def test_plan_puts_the_cheap_rows_first_and_pkd_20_gives_two_rows():
+def test_plan_puts_the_cheap_rows_first_and_every_row_has_two_seeds():
     a = smollm2.parse_args([])
-    jobs = smollm2.plan(a)
-    assert [j.name for j in jobs] == ["dense", "magnitude-50-s0", "taylor-50-s0", "magnitude-20-s0", "taylor-20-s0",
-                                      "pkd-50-s0", "kd-50-s0", "pkd-20-s0", "dense-full", "pkd-kh-50-s0", "pkd-50-s1",
-                                      "kd-50-s1"]
-    pkd20 = next(j for j in jobs if j.name == "pkd-20-s0")
-    assert smollm2.rows_of(a, pkd20) == ["pkd-20-s0", "pkd-20-s0+ft"]
-    assert smollm2.rows_of(smollm2.parse_args(["--no-ft"]), pkd20) == ["pkd-20-s0"]
-    assert [j.name for j in smollm2.plan(smollm2.parse_args(["--extra-seeds", ""]))][-1] == "pkd-kh-50-s0"
-    for bad in (["--steps", "0"], ["--extra-seeds", "0"], ["--extra-seeds", "x"], ["--limit", "-1"],
-                ["--warmup-epochs", "8"]):
+    names = [j.name for j in smollm2.plan(a)]
+    rows = ["minitron", "taylor", "pkd-m", "kd-m", "pkd", "kd"]
+    assert names == ["dense"] + [f"{m}-{t}-s{s}" for s in (0, 1) for t in (50, 20) for m in rows] + [
+        "pkd-m-20-s0-x4", "minitron-20-s0-x4", "dense-full"]
+    assert [j.name for j in smollm2.plan(smollm2.parse_args(["--seeds", "3", "--scaled", ""]))][-2:] == \
+        ["kd-20-s3", "dense-full"]
+    for bad in (["--steps", "0"], ["--seeds", ""], ["--seeds", "x"], ["--limit", "-1"], ["--scaled", "magnitude"],
+                ["--only", "pkd-50-s9"], ["--scale", "0"]):
         with pytest.raises(ValueError):
             smollm2.parse_args(bad)
 
 
-def test_nuteprune_and_the_baselines_get_the_same_tokens_and_steps(tmp_path):
+def test_nuteprune_and_the_baselines_get_the_same_tokens_steps_and_precision(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
     try:  # the commands name the shared model and data files, which must exist
         a = smollm2.parse_args(["--steps", "77", "--batch-size", "3", "--block-size", "64"])
         smollm2.paths(a)
@@ -49,15 +48,25 @@ def test_nuteprune_and_the_baselines_get_the_same_tokens_and_steps(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     n = smollm2.nuteprune_cmd(a, jobs["kd-50-s0"], run)
-    b = smollm2.baseline_cmd(a, jobs["taylor-20-s0"], run)
-    for flag, value in (("--batch-size", "3"), ("--block-size", "64"), ("--heldout-blocks", "16")):
+    b = smollm2.baseline_cmd(a, jobs["taylor-20-s1"], run)
+    for flag, value in (("--batch-size", "3"), ("--block-size", "64"), ("--heldout-blocks", "16"),
+                        ("--dtype", "bf16")):
         assert n[n.index(flag) + 1] == b[b.index(flag) + 1] == value
     assert n[n.index("--max-steps") + 1] == b[b.index("--steps") + 1] == "77"
-    assert n[n.index("--distill") + 1] == "kd" and "--ft-data" not in n
-    assert "--ft-data" in smollm2.nuteprune_cmd(a, jobs["pkd-20-s0"], run)
-    assert "--keep-hidden" in smollm2.nuteprune_cmd(a, jobs["pkd-kh-50-s0"], run) and "--keep-hidden" not in n
+    assert n[n.index("--distill") + 1] == "kd" and "--recipe" not in n and b[b.index("--loss") + 1] == "ce"
+    m = smollm2.nuteprune_cmd(a, jobs["pkd-m-20-s0-x4"], run)
+    assert m[m.index("--recipe") + 1] == "modern" and m[m.index("--max-steps") + 1] == str(4 * 77)
+    assert "--distill" not in m and m[m.index("--seed") + 1] == "0"
+    mini = smollm2.baseline_cmd(a, jobs["minitron-20-s0-x4"], run)
+    assert mini[mini.index("--loss") + 1] == "kd" and mini[mini.index("--steps") + 1] == str(4 * 77)
+    # recorded as typed in the repository folder: no path of this machine
+    for cmd in (n, b, m, mini, smollm2.eval_cmds(a, run / "pruned", str(run / "eval"))[0][1]):
+        assert cmd[:2] in (["python", "nuteprune.py"], ["python", "experiments/baselines.py"],
+                           ["python", "evaluate.py"])
+        assert not any(x.startswith("/") for x in cmd), cmd
+        assert "../shared/" in " ".join(cmd)
     (run / "state.pt").write_bytes(b"")
-    assert smollm2.nuteprune_cmd(a, jobs["kd-50-s0"], run)[2:] == ["--resume", str(run)]
+    assert smollm2.nuteprune_cmd(a, jobs["kd-50-s0"], run)[2:3] == ["--resume"]
 
 
 @pytest.mark.parametrize("target", [0.2, 0.5])
@@ -80,6 +89,25 @@ def test_one_shot_taylor_masks_hit_the_target(target):
                          torch.rand(576, generator=g))
     m = baselines.masks_for_target(scores, SimpleNamespace(config=SMOLLM2), target)
     assert abs(1 - baselines.kept_prunable(m, SMOLLM2) / llama.prunable_params(SMOLLM2) - target) <= 0.005
+
+
+def test_minitron_scores_rank_a_massive_dim_first_and_its_masks_hit_the_target():
+    torch.manual_seed(0)
+    model = llama.Llama(llama.LlamaConfig(dim=288, n_layers=2, n_heads=9, n_kv_heads=3, head_dim=32, ffn_dim=768,
+                                          vocab_size=64, max_seq_len=64)).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 7] = 50.0  # a massive activation in hidden dim 7
+        model.model.layers[1].mlp.down_proj.weight[:, 5] *= 0.0  # FFN channel 5 of layer 1 writes nothing...
+        model.model.layers[1].mlp.up_proj.weight[5] *= 0.0  # ...and is never active: the least important
+    blocks = torch.randint(0, 64, (16, 17), generator=torch.Generator().manual_seed(1))
+    scores = baselines.unit_scores(model, "minitron", blocks)
+    assert scores.hidden.argmax() == 7 and scores.intermediate[1].argmin() == 5
+    assert scores.head.shape == (2, 9) and (scores.head > 0).all()
+    for target in (0.2, 0.5):
+        masks = baselines.masks_for_target(scores, model, target)
+        assert masks.hidden[7] == 1
+        assert abs(1 - baselines.kept_prunable(masks, model.config) / llama.prunable_params(model.config) - target) \
+            <= 0.005
 
 
 class StopAfter:
@@ -171,34 +199,38 @@ def in_process(calls: list):
 
 def test_the_grid_stops_at_its_budget_resumes_and_reports_every_row(files, tmp_path, monkeypatch):  # noqa: F811
     import pkd
+    monkeypatch.chdir(ROOT)  # where the grid runs its commands
     data = fake_data(tmp_path / "data", files)
     argv = ["--out", str(tmp_path / "out"), "--results", str(tmp_path / "results"), "--model", str(files / "model"),
             "--data-dir", str(data), "--steps", "6", "--batch-size", "2", "--block-size", "32", "--heldout-blocks",
-            "4", "--lr-mask", "1", "--lr-lambda", "1", "--eval-every", "3", "--ft-steps", "2", "--ft-batch-size",
-            "2", "--ft-max-len", "256", "--limit", "2", "--ppl-windows", "2", "--seq-len", "16"]
+            "4", "--lr-mask", "1", "--lr-lambda", "1", "--eval-every", "3", "--limit", "2", "--ppl-windows", "2",
+            "--seq-len", "16", "--dtype", "fp32", "--scale", "2", "--scaled", "minitron"]
     calls = []
     monkeypatch.setattr(pkd, "supervise", in_process(calls))
     monkeypatch.setattr(pkd.Ctx, "late", lambda self: len(calls) >= 8)  # the budget ends after 8 subprocesses
     first = smollm2.main_run(smollm2.parse_args(argv + ["--budget-min", "1"]))
-    assert len(calls) == 8 and {r["row"] for r in first} == {"dense", "magnitude-50-s0", "taylor-50-s0"}
+    assert len(calls) == 8 and {r["row"] for r in first} == {"dense", "minitron-50-s0", "taylor-50-s0"}
     md = (tmp_path / "results" / "results.md").read_text()
-    assert "Not run yet" in md and "- pkd-20-s0+ft" in md
+    assert "Not run yet" in md and "- kd-20-s1" in md
     monkeypatch.setattr(pkd.Ctx, "late", lambda self: False)
     done = list(calls)
     rows = smollm2.main_run(smollm2.parse_args(argv))
     assert not set(calls[len(done):]) & set(done)  # nothing finished was redone
-    assert {r["row"] for r in rows} == {"dense", "magnitude-50-s0", "taylor-50-s0", "magnitude-20-s0",
-                                        "taylor-20-s0", "pkd-50-s0", "kd-50-s0", "pkd-20-s0", "pkd-20-s0+ft",
-                                        "pkd-kh-50-s0", "pkd-50-s1", "kd-50-s1"}
-    kh = next(r for r in rows if r["row"] == "pkd-kh-50-s0")
-    assert kh["method"] == "pkd-kh" and abs(kh["sparsity"] - 0.5) <= 0.005
+    assert {r["row"] for r in rows} == {j.name for j in smollm2.plan(smollm2.parse_args(argv)) if j.kind != "full"}
+    for r in rows:
+        if r["kind"] == "nuteprune":  # on target (the baselines' uniform widths are coarse on a model this small)
+            assert abs(r["sparsity"] - r["target"]) <= 0.005
+            assert r["controller"] and r["trace"][-1][0] == 6 * r["scale"]
     md = (tmp_path / "results" / "results.md").read_text()
     for label in smollm2.LABELS.values():
         assert f"| {label} |" in md
+    assert "| 20% | Minitron-style one-shot + KD LoRA, 2× tokens |" in md
     assert "Every planned job has run." in md and (tmp_path / "results" / "smollm2.png").is_file()
-    assert "| 50% | NutePrune, PKD | LoRA while pruning | 0, 1 |" in md  # two seeds: mean ± std
-    noft, ft = (next(r for r in rows if r["row"] == n) for n in ("pkd-20-s0", "pkd-20-s0+ft"))
-    assert noft["sparsity"] == ft["sparsity"] and noft["ft_steps"] == 0 and ft["ft_steps"] == 2
+    assert (tmp_path / "results" / "controller.png").is_file() and "## The controller" in md
+    assert "| 50% | NutePrune PKD, modern recipe | LoRA while pruning | 0, 1 |" in md  # two seeds: mean ± std
+    recorded = [c for r in json.loads((tmp_path / "results" / "results.json").read_text())["rows"]
+                for c in r["commands"]]
+    assert recorded and not [c for c in recorded if any(x.startswith("/") for x in c.split())]  # relative paths
     n = len(calls)
     smollm2.main_run(smollm2.parse_args(argv + ["--report-only"]))
     assert len(calls) == n and (tmp_path / "results" / "results.md").read_text().split("## Closing")[0] == \
