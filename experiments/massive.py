@@ -2,6 +2,7 @@
 
     python experiments/massive.py --out runs/massive/paper -- --ckpt M.gguf --data c4.jsonl --target 0.5 ...
     python experiments/massive.py --out runs/massive/paper --report-only      # the report from a finished run
+    python experiments/massive.py --compare runs/massive/paper runs/massive/...  # one table over finished runs
 
 Everything after `--` is nuteprune.py's command line (its --out is set to OUT/run). The run is nuteprune.py's own
 (runner.run and nuteprune.prune, unchanged); every --every steps a recorder beside it reads, without drawing from
@@ -228,8 +229,28 @@ def write_report(out: Path, argv: list[str], no_plot: bool = False) -> dict:
     return s
 
 
+def compare(dirs: list[str]) -> str:
+    """One markdown table over finished diagnostic folders (their massive.json): what each run changed from the
+    paper's recipe, where its hidden mask and its controller ended, and the held-out perplexity of its model."""
+    lines = ["| run | flags beside the common ones | hidden width kept | top dims pruned at the end | controller: half "
+             "peak-to-peak / largest gap / last gap (pp) | forced target | held-out PPL |", "|---|---|---|---|---|---|---|"]
+    for d in dirs:
+        s = json.loads((Path(d) / "massive.json").read_text())
+        npr_argv = s["argv"][s["argv"].index("--") + 1:]
+        own = [x for x in npr_argv[npr_argv.index("--target"):] if x not in ("--target",)][1:]
+        c, f, last = s["controller"], s["final"], s["per_record"][-1]
+        lines.append(f"| {Path(d).name} | `{' '.join(own) or '(none)'}` | {f['hidden']} | "
+                     f"{', '.join(map(str, last['top_pruned'])) or 'none'} | {100 * c['half_peak_to_peak']:.2f} / "
+                     f"{100 * c['max_abs_gap']:.2f} / {100 * c['last_gap']:+.2f} | "
+                     f"{'yes' if f['warning'] else 'no'} | {f['ppl_after']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--compare"]:  # python experiments/massive.py --compare DIR [DIR ...]
+        print(compare(argv[1:]), end="")
+        return None
     own, npr_argv = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
