@@ -562,11 +562,17 @@ def dense_and_oneshot(ctx: Ctx, regime: str, p: dict) -> dict:
     return rec
 
 
+def rel(path) -> str:
+    # the runs' paths relative to the repository, where they run (supervise): report.json records its flags as given,
+    # and results.json copies them, so they must name ../shared/..., not this machine's folders
+    return os.path.relpath(Path(path).resolve(), ROOT)
+
+
 def nuteprune_cmd(ctx: Ctx, regime: str, p: dict, setting: str, seed: int, run: Path) -> list[str]:
-    return [sys.executable, str(code_dir(ctx.a) / "nuteprune.py"), "--ckpt", p["ckpt"], "--tokenizer", p["tokenizer"],
-            "--data", p["data"], "--heldout", p["heldout"], "--target", str(ctx.a.target), "--out", str(run),
-            "--seed", str(seed), "--cache-dir", str(ctx.out / regime / "cache"), *run_flags(ctx.a, regime),
-            *SETTINGS[setting].flags]
+    return [sys.executable, str(code_dir(ctx.a) / "nuteprune.py"), "--ckpt", rel(p["ckpt"]), "--tokenizer",
+            rel(p["tokenizer"]), "--data", rel(p["data"]), "--heldout", rel(p["heldout"]), "--target",
+            str(ctx.a.target), "--out", rel(run), "--seed", str(seed), "--cache-dir", rel(ctx.out / regime / "cache"),
+            *run_flags(ctx.a, regime), *SETTINGS[setting].flags]
 
 
 def run_job(ctx: Ctx, regime: str, setting: str, seed: int) -> dict | None:
@@ -595,7 +601,7 @@ def run_nuteprune(ctx: Ctx, regime: str, p: dict, setting: str, seed: int, run: 
     if ctx.late():
         return False
     resume = (run / "state.pt").is_file()
-    cmd = ([sys.executable, str(code_dir(ctx.a) / "nuteprune.py"), "--resume", str(run)] if resume else
+    cmd = ([sys.executable, str(code_dir(ctx.a) / "nuteprune.py"), "--resume", rel(run)] if resume else
            nuteprune_cmd(ctx, regime, p, setting, seed, run))
     ctx.log(f"{'resume' if resume else 'start'} {regime}/{run.name}")
     t0 = time.time()
