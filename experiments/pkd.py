@@ -494,7 +494,7 @@ def regime_paths(ctx: Ctx, regime: str, build: bool) -> dict | None:
              "about": "stories260K (Karpathy's llama2.c, 260K parameters, dim 64, 5 layers, 8 / 4 K/V heads, FFN 172); "
                       "TinyStories validation text split by documents as in experiments/stories260k.py "
                       "(calibration 2,345 blocks of 128 tokens; the held-out slice is disjoint). Held-out PPL: "
-                      "`evaluate.perplexity` on the held-out text (one BOS, windows of 256), as in the README's "
+                      "`evaluate.perplexity` on the held-out text (one BOS, windows of 256), as in docs/results.md's "
                       "stories260K table."}
     else:
         import demo
@@ -524,7 +524,7 @@ def regime_paths(ctx: Ctx, regime: str, build: bool) -> dict | None:
 def final_ppl(ctx: Ctx, regime: str, p: dict, model) -> float:
     """Held-out perplexity of a model of the regime, the same function for the dense, one-shot and pruned models.
     stories260K: `evaluate.perplexity` on the held-out text (one BOS, windows of 256), as experiments/stories260k.py
-    and the README's stories260K table. Demo model: every held-out block of 128 tokens as nuteprune reads them (one
+    and docs/results.md's stories260K table. Demo model: every held-out block of 128 tokens as nuteprune reads them (one
     BOS per story, the layout the model was trained on; the plain-text protocol would feed it the blank lines between
     stories, which it never saw)."""
     import evaluate
