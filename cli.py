@@ -1,5 +1,6 @@
 """What every command of the project shares on its command line: the argument parser (one-line errors, defaults in
-the help), the progress bar, the CPU thread rule and the "auto" device rule (the dtype rule is llama.parse_dtype).
+the help), the progress bar, the CPU thread rule, the "auto" device rule (the dtype rule is llama.parse_dtype) and how
+recorded results name files.
 """
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import llama
+
+ROOT = Path(__file__).resolve().parent
 
 
 class Parser(argparse.ArgumentParser):
@@ -75,6 +79,14 @@ def hms(s: float) -> str:
         return "?"
     s = int(s)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def recorded_path(path) -> str:
+    """How a result names a file (STYLE.md 16): relative to the repository when the file lies in it or beside it
+    (runs/..., ../shared/...), else by its name alone: a scratch folder of the machine that ran it is nowhere else."""
+    p = Path(path).resolve()
+    r = os.path.relpath(p, ROOT)
+    return p.name if r.startswith(os.path.join(os.pardir, os.pardir)) else r
 
 
 class Progress:

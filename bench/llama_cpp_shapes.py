@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import checkpoint  # noqa: E402
+import cli  # noqa: E402
 import export  # noqa: E402
 import llama  # noqa: E402
 import llama_cpp_speed as speed  # noqa: E402
@@ -143,8 +144,9 @@ def main(argv=None):
     fa = a.flash_attn == "on"
     speed.measure(ms, a.threads, a.reps, fa)
     fits = {"tg": fit(ms, "tg_s"), "pp": fit(ms, "pp_s")}
-    out = {"protocol": {"pp": speed.PP, "tg": speed.TG, "reps": a.reps, "statistic": "median", "model": a.model},
-           "environment": speed.environment(a.threads, fa), "models": ms, "fits": fits,
+    out = {"protocol": {"pp": speed.PP, "tg": speed.TG, "reps": a.reps, "statistic": "median",
+                        "model": cli.recorded_path(a.model)}, "environment": speed.environment(a.threads, fa),
+           "models": [{**m, "path": cli.recorded_path(m["path"])} for m in ms], "fits": fits,
            "table": table(ms, fits)}
     Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
     print("\n" + out["table"] + f"\nwrote {a.json}")

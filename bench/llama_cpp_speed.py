@@ -42,6 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import checkpoint  # noqa: E402
+import cli  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import export  # noqa: E402
@@ -308,10 +309,15 @@ def main(argv=None):
     print(f"wrote {a.json}")
 
 
+def recorded(ms: list[dict]) -> list[dict]:
+    # files as results name them: the GGUFs in --work by name, sources relative to the repository (cli.recorded_path)
+    return [{**m, "path": cli.recorded_path(m["path"]), "source": cli.recorded_path(m["source"])} for m in ms]
+
+
 def write(a: argparse.Namespace, env: dict, ms: list[dict], windows: list) -> None:
     out = {"protocol": {"pp": PP, "tg": TG, "reps": a.reps, "statistic": "median", "ppl_windows": len(windows),
-                        "ppl_window_tokens": PP, "wikitext": a.wikitext}, "environment": env, "models": ms,
-           "table": table(ms, len(windows))}
+                        "ppl_window_tokens": PP, "wikitext": cli.recorded_path(a.wikitext)}, "environment": env,
+           "models": recorded(ms), "table": table(ms, len(windows))}
     Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import cli  # noqa: E402
 import llama  # noqa: E402
 import memory_plan  # noqa: E402
 
@@ -126,7 +127,7 @@ def main(argv=None):
     print(f"\npaper (Table 5, A100): {PAPER_GB[0]}-{PAPER_GB[1]} GB; this model at micro-batch "
           f"{REFERENCE_MICRO_BATCH}: {min(totals):.1f}-{max(totals):.1f} GB; pkd_layer / pkd = "
           f"{r16['pkd_layer']['device total'] / r16['pkd']['device total']:.2f} (paper: layer loss +32% memory)")
-    out["validation"] = {p: validate(Path(p)) for p in args.train_cost}
+    out["validation"] = {cli.recorded_path(p): validate(Path(p)) for p in args.train_cost}
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.json}")
 

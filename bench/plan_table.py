@@ -1,4 +1,4 @@
-"""The README's multi-GPU memory table: nuteprune's memory plan (`nuteprune.py --plan`) for LLaMA-7B, Llama-2-13B,
+"""docs/scaling.md's multi-GPU memory table: nuteprune's memory plan (`nuteprune.py --plan`) for LLaMA-7B, Llama-2-13B,
 Llama-2-70B (GQA) and Llama-3-8B (GQA, 128k vocabulary) at the paper's recipe, per GPU for 1/2/4/8 GPUs.
 
     python bench/plan_table.py [--micro-batch 4] [--configs DIR]    # DIR/<name>/config.json: write them there too

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import checkpoint  # noqa: E402
+import cli  # noqa: E402
 import distributed  # noqa: E402
 import llama  # noqa: E402
 import nuteprune as npr  # noqa: E402
@@ -158,7 +159,8 @@ def measure(a: argparse.Namespace) -> dict:
             "lm head (BT x D) @ (D x V)": gemm_rate(bt, cfg.dim, cfg.vocab_size, a.repeats)}
     classes = profile_step(parts, batch, teacher)
     achieved = flops / t["wall_s"]
-    return {"model": a.ckpt or f"random {a.preset}", "config": {k: getattr(cfg, k) for k in PRESETS["tiny"]},
+    return {"model": cli.recorded_path(a.ckpt) if a.ckpt else f"random {a.preset}",
+            "config": {k: getattr(cfg, k) for k in PRESETS["tiny"]},
             "batch": a.batch, "seq": a.seq, "micro_batch": a.micro_batch, "distill": a.distill,
             "layer_weight": a.layer_weight,
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),

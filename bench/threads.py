@@ -87,8 +87,9 @@ def first_command(busy: bool) -> dict:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
+            # run in the temporary folder, so that the summary lines it records name out/pruned, not the folder
             r = subprocess.run([sys.executable, str(ROOT / "nuteprune.py"), "--ckpt", "demo", "--target", "0.5",
-                                "--out", f"{tmp}/out"], env={**env, "NUTEPRUNE_CACHE": f"{tmp}/cache"}, cwd=ROOT,
+                                "--out", "out"], env={**env, "NUTEPRUNE_CACHE": f"{tmp}/cache"}, cwd=tmp,
                                capture_output=True, text=True, check=True)
             wall = time.perf_counter() - t0
             sha = {name: hashlib.sha256(Path(tmp, f).read_bytes()).hexdigest()

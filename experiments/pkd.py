@@ -494,7 +494,7 @@ def regime_paths(ctx: Ctx, regime: str, build: bool) -> dict | None:
              "about": "stories260K (Karpathy's llama2.c, 260K parameters, dim 64, 5 layers, 8 / 4 K/V heads, FFN 172); "
                       "TinyStories validation text split by documents as in experiments/stories260k.py "
                       "(calibration 2,345 blocks of 128 tokens; the held-out slice is disjoint). Held-out PPL: "
-                      "`evaluate.perplexity` on the held-out text (one BOS, windows of 256), as in the README's "
+                      "`evaluate.perplexity` on the held-out text (one BOS, windows of 256), as in docs/results.md's "
                       "stories260K table."}
     else:
         import demo
@@ -524,7 +524,7 @@ def regime_paths(ctx: Ctx, regime: str, build: bool) -> dict | None:
 def final_ppl(ctx: Ctx, regime: str, p: dict, model) -> float:
     """Held-out perplexity of a model of the regime, the same function for the dense, one-shot and pruned models.
     stories260K: `evaluate.perplexity` on the held-out text (one BOS, windows of 256), as experiments/stories260k.py
-    and the README's stories260K table. Demo model: every held-out block of 128 tokens as nuteprune reads them (one
+    and docs/results.md's stories260K table. Demo model: every held-out block of 128 tokens as nuteprune reads them (one
     BOS per story, the layout the model was trained on; the plain-text protocol would feed it the blank lines between
     stories, which it never saw)."""
     import evaluate
@@ -562,11 +562,17 @@ def dense_and_oneshot(ctx: Ctx, regime: str, p: dict) -> dict:
     return rec
 
 
+def rel(path) -> str:
+    # the runs' paths relative to the repository, where they run (supervise): report.json records its flags as given,
+    # and results.json copies them, so they must name ../shared/..., not this machine's folders
+    return os.path.relpath(Path(path).resolve(), ROOT)
+
+
 def nuteprune_cmd(ctx: Ctx, regime: str, p: dict, setting: str, seed: int, run: Path) -> list[str]:
-    return [sys.executable, str(code_dir(ctx.a) / "nuteprune.py"), "--ckpt", p["ckpt"], "--tokenizer", p["tokenizer"],
-            "--data", p["data"], "--heldout", p["heldout"], "--target", str(ctx.a.target), "--out", str(run),
-            "--seed", str(seed), "--cache-dir", str(ctx.out / regime / "cache"), *run_flags(ctx.a, regime),
-            *SETTINGS[setting].flags]
+    return [sys.executable, str(code_dir(ctx.a) / "nuteprune.py"), "--ckpt", rel(p["ckpt"]), "--tokenizer",
+            rel(p["tokenizer"]), "--data", rel(p["data"]), "--heldout", rel(p["heldout"]), "--target",
+            str(ctx.a.target), "--out", rel(run), "--seed", str(seed), "--cache-dir", rel(ctx.out / regime / "cache"),
+            *run_flags(ctx.a, regime), *SETTINGS[setting].flags]
 
 
 def run_job(ctx: Ctx, regime: str, setting: str, seed: int) -> dict | None:
@@ -595,7 +601,7 @@ def run_nuteprune(ctx: Ctx, regime: str, p: dict, setting: str, seed: int, run: 
     if ctx.late():
         return False
     resume = (run / "state.pt").is_file()
-    cmd = ([sys.executable, str(code_dir(ctx.a) / "nuteprune.py"), "--resume", str(run)] if resume else
+    cmd = ([sys.executable, str(code_dir(ctx.a) / "nuteprune.py"), "--resume", rel(run)] if resume else
            nuteprune_cmd(ctx, regime, p, setting, seed, run))
     ctx.log(f"{'resume' if resume else 'start'} {regime}/{run.name}")
     t0 = time.time()

@@ -10,6 +10,7 @@ import checkpoint
 import llama
 import tokenization
 from conftest import ROOT, need
+from test_recorded_paths import absolute_paths
 
 sys.path.insert(0, str(ROOT / "bench"))
 import llama_cpp_speed  # noqa: E402
@@ -62,6 +63,8 @@ def test_llama_cpp_speed_runs_end_to_end(tmp_path):
     kept = llama.count_params(checkpoint.load_model(tmp_path / "run" / "pruned")) / llama.count_params(model)
     assert rows[2]["kept"] == rows[3]["kept"] == pytest.approx(kept) and rows[0]["pp_ratio"] == 1.0
     assert rows[1]["fallbacks"] and not rows[3]["fallbacks"]  # FFN 172 is no multiple of 32; 128 is
+    # what it records names no folder of this machine: the GGUFs in --work by name, the data relative to the repository
+    assert not absolute_paths((tmp_path / "out.json").read_text()) and rows[0]["path"] == "dense-f16.gguf"
 
 
 def test_llama_cpp_flash_attention_runs_the_same_pruned_model(tmp_path):

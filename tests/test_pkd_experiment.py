@@ -1,5 +1,6 @@
 """experiments/pkd.py (issue 12): argument handling, job order, the log summaries and the tables, on fake runs."""
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +128,19 @@ def test_code_id_hashes_every_top_level_module_and_the_named_files(tmp_path):
                                                                 "commit"}
     (tmp_path / "runner.py").write_text("changed")
     assert pkd.code_id(a)["runner.py"] != ids["runner.py"] and pkd.code_id(a)["nuteprune.py"] == ids["nuteprune.py"]
+
+
+def test_runs_get_paths_relative_to_the_repository():
+    """nuteprune.py runs in the repository folder and report.json records its flags as given, so results.json, which
+    copies them, names ../shared/... and runs/..., whatever --data-dir and --out the command was given."""
+    a = pkd.parse_args(["--data-dir", str(ROOT.parent / "shared" / "data"), "--out", str(ROOT / "runs" / "pkd")])
+    ctx = pkd.Ctx(a, Path(a.out), None)
+    d = ROOT.parent / "shared" / "data" / "stories260K"
+    p = {"ckpt": str(d / "stories260K.bin"), "tokenizer": str(d / "tok512.model"),
+         "data": str(ctx.out / "stories260k" / "calibration.txt"), "heldout": str(ctx.out / "stories260k" / "h.txt")}
+    cmd = pkd.nuteprune_cmd(ctx, "stories260k", p, "pkd", 0, ctx.out / "stories260k" / "runs" / "pkd-s0")
+    flag = {k: cmd[cmd.index(k) + 1] for k in ("--ckpt", "--tokenizer", "--data", "--heldout", "--out", "--cache-dir")}
+    assert flag["--ckpt"] == "../shared/data/stories260K/stories260K.bin"
+    assert flag["--tokenizer"] == "../shared/data/stories260K/tok512.model"
+    assert flag["--data"] == "runs/pkd/stories260k/calibration.txt"
+    assert flag["--out"] == "runs/pkd/stories260k/runs/pkd-s0" and flag["--cache-dir"] == "runs/pkd/stories260k/cache"
