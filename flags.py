@@ -108,6 +108,9 @@ def _distill_flags(p: argparse.ArgumentParser, d: dict):
     g.add_argument("--lambda-optim", choices=("adam", "sgd"), default=d["lambda_optim"],
                    help="update of lambda_1, lambda_2: adam (the reference) or sgd (plain gradient ascent, in "
                    "proportion to the gap)")
+    g.add_argument("--gate-init", choices=("paper", "activation"), default=d["gate_init"],
+                   help="log_alpha at the start: the reference's (every unit alike), or ordered by Minitron's "
+                   "activation importance on 8 calibration blocks (the least important pruned first)")
     g.add_argument("--lambda-2", type=float, default=d["lambda_2"], metavar="K",
                    help="hold lambda_2 at K instead of training it: a fixed proportional gain on the gap (with "
                    "--lambda-optim sgd, lambda_1 the integral: a PI controller)")
@@ -166,6 +169,8 @@ def check_config(c):
         raise ValueError(f"--layer-loss must be one of {', '.join(LAYER_LOSSES)}, got {c.layer_loss!r}")
     if c.lambda_optim not in ("adam", "sgd"):
         raise ValueError(f"--lambda-optim must be adam or sgd, got {c.lambda_optim!r}")
+    if c.gate_init not in ("paper", "activation"):
+        raise ValueError(f"--gate-init must be paper or activation, got {c.gate_init!r}")
     if c.lambda_2 is not None and c.lambda_2 < 0:
         raise ValueError(f"--lambda-2 must be at least 0, got {c.lambda_2}")
     if c.keep_outliers < 0 or c.layer_weight < 0 or c.kd_weight < 0:

@@ -151,6 +151,62 @@ def hidden_energy(model: llama.Llama, blocks: torch.Tensor, micro_batch_size: in
     return distributed.local(sq / sq.sum()).cpu()
 
 
+@torch.no_grad()
+def activation_importance(model: llama.Llama, blocks: torch.Tensor, micro_batch_size: int,
+                          autocast=nullcontext) -> Masks:
+    """Minitron's activation importance of every unit (Muralidharan et al. 2024), averaged over the calibration
+    tokens, the intact model: per head the L2 norm of its attention output (the input of o_proj, (B, T, H, Dh) ->
+    (H,)), per FFN channel |silu(gate) * up| (the input of down_proj), per hidden dim |RMSNorm output| summed over
+    every norm that reads the residual stream (two per layer and the final one). Massive dims rank first."""
+    cfg = model.config
+    head = torch.zeros(cfg.n_layers, cfg.n_heads)
+    inter = torch.zeros(cfg.n_layers, cfg.ffn_dim)
+    hidden = torch.zeros(cfg.dim)
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        def heads_in(mod, args, i=i):
+            x = args[0].float()  # (B, T, H * Dh)
+            head[i] += x.view(*x.shape[:2], cfg.n_heads, cfg.head_dim).norm(dim=-1).sum((0, 1)).cpu()
+
+        def ffn_in(mod, args, i=i):
+            inter[i] += args[0].float().abs().sum((0, 1)).cpu()
+        hooks += [layer.self_attn.o_proj.register_forward_pre_hook(heads_in),
+                  layer.mlp.down_proj.register_forward_pre_hook(ffn_in)]
+
+    def norm_out(mod, args, out):  # returns None: the output is unchanged
+        hidden.add_(out.float().abs().sum((0, 1)).cpu())
+    norms = [m for layer in model.model.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+    hooks += [norm.register_forward_hook(norm_out) for norm in norms + [model.model.norm]]
+    try:
+        with teacher_lora(model, None):
+            for idx in blocks.split(micro_batch_size):
+                with autocast():
+                    model(idx.to(model.lm_head.weight.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    n = blocks.numel()
+    return Masks(head / n, inter / n, hidden / n)
+
+
+GATE_INIT_SPREAD = 3.0  # --gate-init activation: log_alpha from LOG_ALPHA_MAX (most important) down by this much
+
+
+def init_from_importance(gates: Gates, scores: Masks):
+    """--gate-init activation: per row (a layer's heads or FFN channels; the hidden dims) log_alpha falls linearly with
+    the unit's importance rank, from LOG_ALPHA_MAX for the most important to LOG_ALPHA_MAX - GATE_INIT_SPREAD for the
+    least: every unit still starts kept (P(z != 0) from 0.96 to 0.998), but under the sparsity pressure the least
+    important go first, and the gradients decide from there (METHOD.md §2)."""
+    with torch.no_grad():
+        for g in MASK_GROUPS:
+            gate, score = getattr(gates, g), getattr(scores, g).to(gates.lambda_1.device)
+            if gate.frozen:
+                continue
+            n = score.shape[-1]
+            rank = score.argsort(dim=-1, stable=True).argsort(dim=-1).float() / max(n - 1, 1)  # 0 least, 1 most important
+            gate.log_alpha.copy_(LOG_ALPHA_MAX - GATE_INIT_SPREAD * (1 - rank))
+
+
 MASSIVE_SHARE = 0.5  # the top 1% of hidden dims holding more than this share of the squared norm: massive activations
 
 
@@ -422,6 +478,7 @@ class RunConfig:
     keep_outliers: int = 0  # --keep-outliers N: the N hidden dims of largest activation never pruned (METHOD.md §2)
     lambda_optim: str = "adam"  # --lambda-optim: adam (the reference) or sgd, plain gradient ascent (METHOD.md §4)
     lambda_2: float | None = None  # --lambda-2 K: lambda_2 held at K instead of trained (METHOD.md §4)
+    gate_init: str = "paper"  # --gate-init: the reference's log_alpha init, or ordered by activation importance (§2)
     gap: float = 0.10
     interval: float = 0.01
     ft_data: str | None = None

@@ -97,9 +97,13 @@ PROBE_BLOCKS = 8  # calibration blocks that measure the hidden states' massive d
 
 
 def check_activations(m, parts, blocks: torch.Tensor):
-    """Before a new run: the hidden dims of largest activation held at z = 1 (--keep-outliers), and one line when the
-    model has massive activations while the paper's layer loss, which they dominate, is on (METHOD.md §5)."""
+    """Before a new run, what reads the intact model's activations: the gates ordered by activation importance
+    (--gate-init activation), the hidden dims of largest activation held at z = 1 (--keep-outliers), and one line when
+    the model has massive activations while the paper's layer loss, which they dominate, is on (METHOD.md §2, §5)."""
     c = parts.c
+    if c.gate_init == "activation":
+        m.init_from_importance(parts.gates, m.activation_importance(parts.model, blocks[:PROBE_BLOCKS],
+                                                                    c.micro_batch_size, parts.autocast))
     paper_layer_loss = c.layer_loss == "paper" and c.layer_weight > 0
     if not (c.keep_outliers or paper_layer_loss):
         return

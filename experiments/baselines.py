@@ -80,40 +80,6 @@ def unit_scores_taylor(model: llama.Llama, blocks: torch.Tensor, batch_size: int
     return llama.Masks(*(g.abs() for g in grads))
 
 
-@torch.no_grad()
-def unit_scores_activation(model: llama.Llama, blocks: torch.Tensor, batch_size: int = 8) -> llama.Masks:
-    """Minitron's activation importance, each averaged over the calibration tokens: per head the L2 norm of its
-    attention output (the input of o_proj, (B, T, H, Dh) -> (H,)), per FFN channel |silu(gate) * up| (the input of
-    down_proj), per hidden dim |RMSNorm output| summed over the norms that read the residual stream (two per layer
-    and the final one)."""
-    cfg = model.config
-    head = torch.zeros(cfg.n_layers, cfg.n_heads)
-    inter = torch.zeros(cfg.n_layers, cfg.ffn_dim)
-    hidden = torch.zeros(cfg.dim)
-    hooks = []
-    for i, layer in enumerate(model.model.layers):
-        def heads_in(mod, args, i=i):
-            x = args[0].float()  # (B, T, H * Dh)
-            head[i] += x.view(*x.shape[:2], cfg.n_heads, cfg.head_dim).norm(dim=-1).sum((0, 1)).cpu()
-
-        def ffn_in(mod, args, i=i):
-            inter[i] += args[0].float().abs().sum((0, 1)).cpu()
-        hooks += [layer.self_attn.o_proj.register_forward_pre_hook(heads_in),
-                  layer.mlp.down_proj.register_forward_pre_hook(ffn_in)]
-    def norm_out(mod, args, out):  # returns None: the output is unchanged
-        hidden.add_(out.float().abs().sum((0, 1)).cpu())
-    norms = [m for layer in model.model.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
-    hooks += [norm.register_forward_hook(norm_out) for norm in norms + [model.model.norm]]
-    try:
-        for b in range(0, len(blocks), batch_size):
-            model(blocks[b:b + batch_size])
-    finally:
-        for h in hooks:
-            h.remove()
-    n = blocks.numel()
-    return llama.Masks(head / n, inter / n, hidden / n)
-
-
 SCORE_BLOCKS = 128  # calibration blocks behind the Taylor and activation scores: a fixed sample (seed 0), so the
 # scores are too
 
@@ -125,8 +91,9 @@ def unit_scores(model: llama.Llama, method: str, blocks: torch.Tensor) -> llama.
     sample = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(0))[:SCORE_BLOCKS]]
     if method == "taylor":
         return unit_scores_taylor(model, sample)
-    if method == "minitron":
-        return unit_scores_activation(model, sample)
+    if method == "minitron":  # nuteprune.py's --gate-init activation reads the same scores
+        import nuteprune
+        return nuteprune.activation_importance(model, sample, 8)
     raise ValueError(f"unknown baseline {method!r}; valid: {', '.join(METHODS)}")
 
 

@@ -149,6 +149,23 @@ def test_lambda_2_held_fixed_is_a_proportional_gain_and_never_trained():
     assert gates.lambda_2.item() == 250.0 and gates.lambda_1.item() == pytest.approx(10.0 * gap, rel=1e-4)
 
 
+def test_gate_init_orders_log_alpha_by_activation_importance_and_keeps_every_unit():
+    model = massive_model()
+    blocks = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    scores = npr.activation_importance(model, blocks, 2)
+    assert scores.hidden.argmax() == 5  # the massive dim ranks first
+    gates = npr.Gates(model.config)
+    npr.init_from_importance(gates, scores)
+    for g in ("head", "intermediate", "hidden"):
+        la, sc = getattr(gates, g).log_alpha.detach(), getattr(scores, g)
+        for row_la, row_sc in zip(la.view(-1, la.shape[-1]), sc.view(-1, sc.shape[-1])):
+            assert torch.equal(row_la.argsort(stable=True), row_sc.argsort(stable=True))  # the same order
+            assert row_la.max() == pytest.approx(npr.LOG_ALPHA_MAX)
+            assert row_la.min() == pytest.approx(npr.LOG_ALPHA_MAX - npr.GATE_INIT_SPREAD)
+    assert gates.prob_nonzero().hidden.min() > 0.95
+    assert npr.expected_sparsity(gates.prob_nonzero(), model.config).item() < 0.05
+
+
 def massive_model():
     """A tiny model whose hidden dim 5 carries a massive activation through the residual stream."""
     model = tiny_llama(0, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, vocab_size=64, max_seq_len=256)
@@ -197,6 +214,6 @@ def test_recipe_sets_its_defaults_and_explicit_flags_win(files, tmp_path):
     assert (c.recipe, c.layer_loss, c.layer_balance, c.keep_outliers, c.lambda_optim, c.lambda_2) == (
         "paper", "paper", False, 0, "adam", None)
     for bad in (dict(layer_loss="l1"), dict(lambda_optim="rmsprop"), dict(keep_outliers=-1), dict(recipe="x"),
-                dict(lambda_2=-1.0)):
+                dict(lambda_2=-1.0), dict(gate_init="magnitude")):
         with pytest.raises(ValueError):
             npr.RunConfig(ckpt="x", target=0.5, **bad)
