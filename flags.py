@@ -111,6 +111,8 @@ def _distill_flags(p: argparse.ArgumentParser, d: dict):
     g.add_argument("--gate-init", choices=("paper", "activation"), default=d["gate_init"],
                    help="log_alpha at the start: the reference's (every unit alike), or ordered by Minitron's "
                    "activation importance on 8 calibration blocks (the least important pruned first)")
+    g.add_argument("--settle", type=float, default=d["settle"], metavar="F",
+                   help="the last F of the pruning steps train LoRA under the final masks, the gates fixed (0: none)")
     g.add_argument("--lambda-2", type=float, default=d["lambda_2"], metavar="K",
                    help="hold lambda_2 at K instead of training it: a fixed proportional gain on the gap (with "
                    "--lambda-optim sgd, lambda_1 the integral: a PI controller)")
@@ -169,6 +171,8 @@ def check_config(c):
         raise ValueError(f"--layer-loss must be one of {', '.join(LAYER_LOSSES)}, got {c.layer_loss!r}")
     if c.lambda_optim not in ("adam", "sgd"):
         raise ValueError(f"--lambda-optim must be adam or sgd, got {c.lambda_optim!r}")
+    if not 0 <= c.settle < 1:
+        raise ValueError(f"--settle must lie in [0, 1), got {c.settle}")
     if c.gate_init not in ("paper", "activation"):
         raise ValueError(f"--gate-init must be paper or activation, got {c.gate_init!r}")
     if c.lambda_2 is not None and c.lambda_2 < 0:

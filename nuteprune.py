@@ -479,6 +479,7 @@ class RunConfig:
     lambda_optim: str = "adam"  # --lambda-optim: adam (the reference) or sgd, plain gradient ascent (METHOD.md §4)
     lambda_2: float | None = None  # --lambda-2 K: lambda_2 held at K instead of trained (METHOD.md §4)
     gate_init: str = "paper"  # --gate-init: the reference's log_alpha init, or ordered by activation importance (§2)
+    settle: float = 0.0  # --settle F: the last F of the pruning steps train LoRA under the final masks (METHOD.md §4)
     gap: float = 0.10
     interval: float = 0.01
     ft_data: str | None = None
@@ -509,6 +510,7 @@ class Schedule:
     gap: int  # g / i, in snapshot levels
     n_levels: int  # snapshot levels below the target
     stage2_top: int  # floor((target - g) / i): the first stage-2 teacher's level (Eq. 10-11 at the target)
+    settle_start: int | None = None  # --settle: the first step with the final masks fixed (None: the last + 1)
 
     @classmethod
     def of(cls, c: RunConfig, n_blocks: int, n_examples: int) -> "Schedule":
@@ -517,7 +519,8 @@ class Schedule:
         ft_total = c.ft_epochs * (n_examples // c.ft_batch_size)
         ft_total = min(ft_total, c.ft_max_steps) if c.ft_max_steps else ft_total
         return cls(total, round(c.warmup_epochs / c.epochs * total), ft_total, round(c.gap / c.interval),
-                   math.ceil(c.target / c.interval - 1e-9) - 1, math.floor((c.target - c.gap) / c.interval + 1e-9))
+                   math.ceil(c.target / c.interval - 1e-9) - 1, math.floor((c.target - c.gap) / c.interval + 1e-9),
+                   total - round(c.settle * total))
 
 # -----------------------------------------------------------------------------
 # what a step computes with, and where the run is (runfolder.py checkpoints both)
@@ -648,6 +651,26 @@ def prune_step(parts: Parts, batch: torch.Tensor, teacher: Snapshot | None, targ
     return {**terms, "expected_sparsity": float(expected.detach()), "stepped": stepped}
 
 
+def settle_step(parts: Parts, batch: torch.Tensor, teacher: Snapshot | None, masks: Masks) -> dict[str, float]:
+    """One step of --settle (METHOD.md §4): the distillation terms of Eq. 9 with the student under the final masks
+    (fixed, deterministic), a descent step on LoRA alone; the gates and lambdas no longer move, nothing is sampled."""
+    c, device = parts.c, parts.gates.lambda_1.device
+    batch, masks = distributed.local_share(batch), masks.to(device)
+    terms = {"kd": 0.0, "layer": 0.0, "lm": 0.0}
+    for idx in batch.split(c.micro_batch_size):
+        idx, frac = idx.to(device), len(idx) / len(batch)
+        with parts.autocast():
+            loss = student_loss(parts.model, idx, masks, teacher, c)
+        parts.scaler.scale(sum(loss.values()) * frac).backward()
+        for k, v in loss.items():
+            terms[k] += float(v.detach()) * frac
+    terms = distributed.average_values({**terms, "l0": 0.0})
+    stepped = optimizer_step(parts, parts.lora_weights, terms.values())  # the gates have no gradient: unchanged
+    with torch.no_grad():
+        expected = float(expected_sparsity(parts.gates.prob_nonzero(), parts.model.config))
+    return {**terms, "expected_sparsity": expected, "stepped": stepped}
+
+
 def optimizer_step(parts: Parts, clip_params: list, losses) -> bool:
     """Unscale, clip, step, on every rank alike. A step whose loss or gradients are not finite changes nothing (no
     parameter, lambda or optimizer state; with fp16 the scaler lowers its scale) and returns False."""
@@ -682,6 +705,8 @@ def prune(parts: Parts, st: RunState, blocks: torch.Tensor, heldout: torch.Tenso
     c, gates = parts.c, parts.gates
     parts.model.train()  # LLaMA has no dropout: this only lets gradient checkpointing act
     bar = cli.Progress("prune", sched.total_steps, st.step, enabled=distributed.rank_id() == 0)
+    settled = None  # --settle: the final masks, fixed from sched.settle_start on (a function of the gates, which then
+    # no longer move: a resumed run computes the same ones)
     while st.step < sched.total_steps:
         teacher = pick_teacher(st.step, st.snapshots, st.stage2_start, sched.total_steps, sched.gap,
                                sched.stage2_top) if c.distill == "pkd" else None
@@ -689,7 +714,13 @@ def prune(parts: Parts, st: RunState, blocks: torch.Tensor, heldout: torch.Tenso
         lrs = {"log_alpha": c.lr_mask, "lambda": c.lr_lambda, "lora": linear_decay(st.step, c.lr_lora, sched.total_steps)}
         set_learning_rates(parts.optimizers, lrs)
         batch = blocks[batch_indices(st.step, len(blocks), c.batch_size, c.seed)]  # (B, T)
-        terms = prune_step(parts, batch, teacher, target)
+        settling = sched.settle_start is not None and st.step >= sched.settle_start  # --settle: structure decided
+        if settling:
+            if settled is None:
+                settled = final_masks(gates, parts.model.config, c.target, c.tolerance, c.round_to)
+            terms = settle_step(parts, batch, teacher, settled)
+        else:
+            terms = prune_step(parts, batch, teacher, target)
         expected = terms.pop("expected_sparsity")
         runfolder.count_nonfinite(st, terms.pop("stepped"), st.step)
         st.step += 1
@@ -707,7 +738,8 @@ def prune(parts: Parts, st: RunState, blocks: torch.Tensor, heldout: torch.Tenso
                                      "teacher_sparsity": 0.0 if teacher is None else teacher.sparsity,
                                      "teacher_level": 0 if teacher is None else teacher.level,
                                      "skipped_steps": st.skipped, "lr_lora": lrs["lora"] if parts.lora_weights else 0.0,
-                                     "lr_mask": lrs["log_alpha"], "lr_lambda": lrs["lambda"]})
+                                     "lr_mask": lrs["log_alpha"], "lr_lambda": lrs["lambda"],
+                                     **({"settled": True} if settling else {})})
         if c.eval_every and st.step % c.eval_every == 0 and len(heldout):
             runfolder.log_line(log, {"phase": "eval", "step": st.step, "expected_sparsity": now,
                                      "student_ppl": student_ppl(parts, heldout, gates.deterministic())})

@@ -128,7 +128,7 @@ def controller_stats(log: list[dict], target: float) -> dict:
     """From the pruning log lines (every step logged): after the warm-up (target reached its final value), the
     half peak-to-peak swing and the RMS of (expected - target) over the second half of those steps, the largest
     |gap| there, and the gap at the last step."""
-    rows = [r for r in log if r.get("phase") == "prune"]
+    rows = [r for r in log if r.get("phase") == "prune" and not r.get("settled")]  # --settle: the gates fixed
     after = [r for r in rows if r["target"] >= target - 1e-9]
     if not after:
         return {}

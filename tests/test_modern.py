@@ -11,6 +11,7 @@ import nuteprune as npr
 import runner
 from conftest import GQA, tiny_llama
 from test_cli import args
+from test_runs import killed_at
 
 
 def states(seed, shape=(2, 5, 8), massive=None):
@@ -217,3 +218,25 @@ def test_recipe_sets_its_defaults_and_explicit_flags_win(files, tmp_path):
                 dict(lambda_2=-1.0), dict(gate_init="magnitude")):
         with pytest.raises(ValueError):
             npr.RunConfig(ckpt="x", target=0.5, **bad)
+
+
+def test_settle_fixes_the_final_masks_trains_lora_under_them_and_resumes_exactly(files, tmp_path):
+    import json
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    flags_ = ["--max-steps", "12", "--settle", "0.25", "--save-every", "1", "--distill", "kd"]
+    npr.main(args(files, whole, *flags_))
+    log = [json.loads(x) for x in (whole / "log.jsonl").read_text().splitlines()]
+    prune = [r for r in log if r["phase"] == "prune"]
+    settled = [r for r in prune if r.get("settled")]
+    assert [r["step"] for r in settled] == [10, 12]  # the last 3 of 12 steps (logged every 2)
+    assert all(r["l0"] == 0 and r["lambda_1"] == settled[0]["lambda_1"] for r in settled)  # gates and lambdas fixed
+    state = torch.load(whole / "state.pt", weights_only=True)
+    report = json.loads((whole / "report.json").read_text())
+    assert abs(report["sparsity"] - 0.5) <= 0.005
+    killed_at(11, args(files, cut, *flags_))  # in the middle of the settle steps
+    npr.main(["--resume", str(cut)])
+    resumed = torch.load(cut / "state.pt", weights_only=True)
+    for k in state["lora"]:
+        assert torch.equal(state["lora"][k], resumed["lora"][k]), k
+    for g in ("head", "intermediate", "hidden"):
+        assert torch.equal(state["final_masks"][g], resumed["final_masks"][g])
