@@ -137,8 +137,8 @@ def _finetune_flags(p: argparse.ArgumentParser, d: dict):
 # --recipe: the paper's (every default) or the changes that make NutePrune work on models with massive activations
 # (docs/METHOD.md §2, §4, §5), measured on SmolLM2-135M (experiments/results/smollm2). Explicit flags still win.
 RECIPES = {"paper": {},
-           "modern": dict(layer_loss="scaled", layer_balance=True, layer_weight=1.0, keep_outliers=8,
-                          lambda_optim="sgd", lr_lambda=30.0, lambda_2=1000.0)}
+           "modern": dict(layer_loss="cosine", layer_balance=True, layer_weight=1.0, keep_outliers=8,
+                          gate_init="activation", lambda_optim="sgd", lr_lambda=30.0, lambda_2=1000.0)}
 
 # `--ckpt demo`: the small LLaMA that demo.py trains from nothing but code (cached after the first run), its own
 # story text for calibration and held-out perplexity, and a step budget that fits a few minutes on two CPU cores.
