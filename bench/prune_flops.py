@@ -4,12 +4,12 @@ matmuls, the projection GEMMs, attention and the rest (torch.profiler, self CPU 
 
     python bench/prune_flops.py [--ckpt SmolLM2-135M-Instruct.Q4_1.gguf | --preset smollm2|tiny] [--batch 4]
                                 [--seq 128] [--micro-batch 4] [--distill pkd|kd|none] [--layer-weight 0.9]
-                                [--threads N] [--repeats 3] [--json bench/prune_flops.json]
+                                [--dtype fp32|bf16] [--threads N] [--repeats 3] [--json bench/prune_flops.json]
 
 The step is nuteprune.prune_step itself with the command's defaults (LoRA rank 8 on q, v; layer loss on; one
 micro-batch per step unless --micro-batch is smaller), a snapshot teacher (deterministic masks and a LoRA copy, as
 a PKD run holds) for --distill pkd, the intact model for kd. FLOPs are counted by torch.utils.flop_counter on one
-step (matmuls and attention, forward and backward). The plain GEMMs are fp32 matmuls of the step's own shapes:
+step (matmuls and attention, forward and backward). The plain GEMMs are matmuls (in --dtype) of the step's own shapes:
 (B*T x D) @ (D x I), the FFN projection, the largest share of the FLOPs, and (B*T x D) @ (D x V), the LM head.
 Threads: --threads, else torch's setting (OMP_NUM_THREADS=1 gives one). Run it on an otherwise idle machine: on a
 busy one every time is inflated, the ratios less so. With --ckpt the weights are the real model's; with --preset
@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -48,10 +49,11 @@ MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear
 
 
 def load_model(a: argparse.Namespace) -> llama.Llama:
+    dtype = llama.parse_dtype(a.dtype, "cpu")
     if a.ckpt:
-        return checkpoint.load_model(a.ckpt)
+        return checkpoint.load_model(a.ckpt, dtype=dtype)
     cfg = llama.LlamaConfig(**PRESETS[a.preset])
-    model = train_cost.random_llama(cfg, "cpu", torch.float32)
+    model = train_cost.random_llama(cfg, "cpu", dtype)
     if cfg.tie_embeddings:  # to_empty may untie them; the real model's LM head is its embedding
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
@@ -70,7 +72,9 @@ def build(model: llama.Llama, a: argparse.Namespace) -> tuple[npr.Parts, npr.Sna
                       layer_weight=a.layer_weight)
     optimizer = npr.prune_optimizer(gates, list(llama.lora_state(model).values()))
     npr.set_learning_rates(optimizer, {"log_alpha": 1.0, "lambda": 1.0, "lora": 1e-3})
-    parts = npr.Parts(model, gates, optimizer, torch.amp.GradScaler("cpu", enabled=False), c)
+    dtype = llama.parse_dtype(a.dtype, "cpu")  # as runner.setup: the base in dtype, autocast, gates and LoRA fp32
+    autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype != torch.float32 else nullcontext
+    parts = npr.Parts(model, gates, optimizer, torch.amp.GradScaler("cpu", enabled=False), c, autocast)
     teacher = None
     if a.distill == "pkd":
         masks = gates.deterministic()
@@ -97,9 +101,9 @@ def time_steps(parts: npr.Parts, batch: torch.Tensor, teacher, repeats: int) -> 
     return {"wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu), "each_wall_s": wall}
 
 
-def gemm_rate(m: int, k: int, n: int, repeats: int) -> float:
-    """FLOP/s of a plain fp32 (m x k) @ (k x n), median of repeats after a warm-up."""
-    x, w = torch.randn(m, k), torch.randn(k, n)
+def gemm_rate(m: int, k: int, n: int, repeats: int, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a plain (m x k) @ (k x n) in dtype, median of repeats after a warm-up."""
+    x, w = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     x @ w
     times = []
     for _ in range(max(repeats, 3)):
@@ -155,14 +159,15 @@ def measure(a: argparse.Namespace) -> dict:
     flops = step_flops(parts, batch, teacher)
     t = time_steps(parts, batch, teacher, a.repeats)
     bt = a.batch * a.seq
-    gemm = {"ffn (BT x D) @ (D x I)": gemm_rate(bt, cfg.dim, cfg.ffn_dim, a.repeats),
-            "lm head (BT x D) @ (D x V)": gemm_rate(bt, cfg.dim, cfg.vocab_size, a.repeats)}
+    dtype = llama.parse_dtype(a.dtype, "cpu")
+    gemm = {"ffn (BT x D) @ (D x I)": gemm_rate(bt, cfg.dim, cfg.ffn_dim, a.repeats, dtype),
+            "lm head (BT x D) @ (D x V)": gemm_rate(bt, cfg.dim, cfg.vocab_size, a.repeats, dtype)}
     classes = profile_step(parts, batch, teacher)
     achieved = flops / t["wall_s"]
     return {"model": cli.recorded_path(a.ckpt) if a.ckpt else f"random {a.preset}",
             "config": {k: getattr(cfg, k) for k in PRESETS["tiny"]},
             "batch": a.batch, "seq": a.seq, "micro_batch": a.micro_batch, "distill": a.distill,
-            "layer_weight": a.layer_weight,
+            "layer_weight": a.layer_weight, "dtype": a.dtype,
             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
             "step": t, "step_flops": flops, "achieved_flops_s": achieved, "gemm_flops_s": gemm,
@@ -172,7 +177,7 @@ def measure(a: argparse.Namespace) -> dict:
 
 def report(r: dict) -> str:
     g = r["gemm_flops_s"]
-    lines = [f"{r['model']}: prune_step ({r['distill']}), batch {r['batch']} x {r['seq']} tokens, micro-batch "
+    lines = [f"{r['model']}: prune_step ({r['distill']}, {r.get('dtype', 'fp32')}), batch {r['batch']} x {r['seq']} tokens, micro-batch "
              f"{r['micro_batch']}, {r['threads']} thread(s)",
              f"step {r['step']['wall_s']:.3f} s wall, {r['step']['cpu_s']:.3f} s CPU; {r['step_flops'] / 1e9:.1f} "
              f"GFLOP; achieved {r['achieved_flops_s'] / 1e9:.1f} GFLOP/s; {r['tokens_per_s']:.1f} tokens/s",
@@ -196,6 +201,8 @@ def main(argv=None):
     ap.add_argument("--micro-batch", type=int, default=4, help="blocks per forward")
     ap.add_argument("--distill", choices=["pkd", "kd", "none"], default="pkd")
     ap.add_argument("--layer-weight", type=float, default=npr.RunConfig.layer_weight, help="0: no layer loss")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the base weights, autocast and the "
+                    "plain GEMMs (as nuteprune.py --dtype)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, or OMP_NUM_THREADS)")
     ap.add_argument("--repeats", type=int, default=3, help="timed steps (after one warm-up)")
     ap.add_argument("--json", default=None, help="write the measurement here (e.g. bench/prune_flops.json)")
