@@ -7,6 +7,7 @@ below is then the identity (or 1, or 0).
 from __future__ import annotations
 
 import ctypes
+import datetime
 import os
 
 import torch
@@ -23,27 +24,55 @@ def rank_id() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+WAIT_TIMEOUT = datetime.timedelta(hours=24)  # how long the other ranks wait for rank 0's export and report
+_waiting = None  # the gloo group they wait in (init)
+
+
 def init(device: torch.device) -> torch.device:
-    """Under torchrun: join the process group (NCCL on GPUs, gloo on CPUs); this rank's device."""
+    """Under torchrun: join the process group (NCCL on GPUs, gloo on CPUs); this rank's device. Also a gloo group
+    with a long timeout, for the one wait that may last hours (wait_for_rank0)."""
+    global _waiting
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", cuda_ordinal())
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _waiting = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     return device
 
 
+def cuda_ordinal() -> int:
+    """This rank's GPU: LOCAL_RANK among the GPUs it sees. Where a scheduler gives each rank one GPU
+    (CUDA_VISIBLE_DEVICES per rank), the rank sees one device, ordinal 0, whatever its LOCAL_RANK."""
+    return int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
+
+
+def wait_for_rank0():
+    """Every rank waits here until rank 0 arrives (after its export and report, which it does alone). Without it the
+    other ranks would exit first: their torchrun agents give up after 300 s (exit_barrier_timeout), and one of them
+    may host the rendezvous store that rank 0's agent polls, which then kills rank 0 in the middle of a long export.
+    A gloo barrier with WAIT_TIMEOUT, not the main group's (NCCL's default is 10 minutes)."""
+    if _waiting is not None:
+        dist.barrier(group=_waiting)
+
+
 def finish():
+    """Leave the process group, every rank together (a rank that leaves while another still talks to it can abort
+    in gloo's teardown)."""
+    global _waiting
     if dist.is_initialized():
         dist.destroy_process_group()
+    _waiting = None
 
 
 def check_batch_sizes(**sizes: int):
-    """Every global batch splits evenly over the ranks (sizes by flag name, e.g. batch_size=16)."""
+    """Every global batch splits evenly over the ranks (sizes by flag name, e.g. batch_size=16). Reads torchrun's
+    WORLD_SIZE, so it can run before the process group and the load."""
+    n = world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     for flag, size in sizes.items():
-        if size % world_size():
-            raise ValueError(f"--{flag.replace('_', '-')} {size} does not split evenly over {world_size()} ranks")
+        if size % n:
+            raise ValueError(f"--{flag.replace('_', '-')} {size} does not split evenly over {n} ranks")
 
 
 def shard_model(model: llama.Llama, device: torch.device, dtype: torch.dtype | None = None):
@@ -149,22 +178,28 @@ def full_tensor(x: torch.Tensor) -> torch.Tensor:
     return x.full_tensor() if hasattr(x, "full_tensor") else x  # a DTensor gathered whole (every rank must call)
 
 
-def cpu_lora(model: llama.Llama) -> dict[str, torch.Tensor]:
-    """Full copies of the student's LoRA on the CPU (gathered from every rank when FSDP shards them)."""
-    return {k: full_tensor(v).detach().to("cpu", copy=True) for k, v in llama.lora_state(model).items()}
+def cpu_lora(model: llama.Llama, rank0_only: bool = False) -> dict[str, torch.Tensor] | None:
+    """Full copies of the student's LoRA on the CPU (gathered from every rank when FSDP shards them). rank0_only:
+    every rank takes part in the gather, rank 0 alone keeps a copy (the others get None)."""
+    keep = not rank0_only or rank_id() == 0
+    lora = {k: full_tensor(v).detach() for k, v in llama.lora_state(model).items()}
+    return {k: v.to("cpu", copy=True) for k, v in lora.items()} if keep else None
 
 
-def full_optimizer_state(optimizers: list[torch.optim.Optimizer]) -> dict:
+def full_optimizer_state(optimizers: list[torch.optim.Optimizer]) -> dict | None:
     """The optimizers' states as the one state dict of a single optimizer over all their groups (parameters numbered
     on across them), every sharded moment gathered whole, on the CPU: the layout state.pt has always had."""
     merged, offset = {"state": {}, "param_groups": []}, 0
+    keep = rank_id() == 0  # every rank gathers, rank 0 alone keeps the copy on its host (the others get None)
     for opt in optimizers:
         sd = opt.state_dict()
-        merged["state"].update({i + offset: {k: full_tensor(v).cpu() if torch.is_tensor(v) else v for k, v in s.items()}
-                                for i, s in sd["state"].items()})
+        whole = {i: {k: full_tensor(v) if torch.is_tensor(v) else v for k, v in s.items()}
+                 for i, s in sd["state"].items()}
+        merged["state"].update({i + offset: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+                                for i, s in whole.items()} if keep else {})
         merged["param_groups"] += [{**g, "params": [i + offset for i in g["params"]]} for g in sd["param_groups"]]
         offset += sum(len(g["params"]) for g in sd["param_groups"])
-    return merged
+    return merged if keep else None
 
 
 def load_optimizer_state(optimizers: list[torch.optim.Optimizer], sd: dict):

@@ -875,10 +875,12 @@ def main(argv=None):
             runner.run(sys.modules[__name__], c, start)  # hands this file in: runner.py imports no method back
         distributed.finish()
     except runfolder.Stopped as e:
+        distributed.finish()  # every rank stops at the same step
         print(str(e), file=sys.stderr)
         sys.exit(e.exit_code)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        distributed.finish()  # user errors are raised on every rank; anything else exits without it (a rank still
+        print(f"error: {e}", file=sys.stderr)  # in a collective would hang the others' destroy)
         sys.exit(2)
 
 

@@ -13,7 +13,7 @@ import shutil
 import signal
 import sys
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -71,7 +71,7 @@ def set_rng_state(s: dict, generator: torch.Generator | None):
 def save_state(out: Path, parts, st):
     """The checkpoint of a run: `parts` (a nuteprune.Parts: model, gates, optimizers, scaler, config) and `st` (its
     nuteprune.RunState). Every rank calls it (sharded tensors are gathered); rank 0 writes the single-process layout."""
-    current = distributed.cpu_lora(parts.model)
+    current = distributed.cpu_lora(parts.model, rank0_only=True)
     optimizer = distributed.full_optimizer_state(parts.optimizers) if st.phase != "done" else None
     if distributed.rank_id() != 0:
         return
@@ -136,18 +136,26 @@ class Stopped(Exception):
 
 
 class StopSignals:
-    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the run to stop after the current optimizer step; a second one
-    exits at once. Installed only in the main thread (signal handlers cannot be set elsewhere)."""
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the run to stop after the current optimizer step; in a single
+    process a second one exits at once, under torchrun it is the same request again. Installed only in the main
+    thread (signal handlers cannot be set elsewhere)."""
 
     def __init__(self):
         self.requested, self.old = None, {}
 
     def _handle(self, signum, frame):
         if self.requested is not None:
+            if distributed.world_size() > 1:
+                # Under torchrun a second signal is the same request: Slurm's scancel or preemption signals every
+                # process of the step, the ranks included, and torchrun forwards it to them again. torchrun's own
+                # SIGKILL ends a rank that is still saving after its grace (--shutdown-timeout, default 30 s).
+                return
             os._exit(128 + signum)  # the second signal: now, without a checkpoint
         self.requested = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-              f"(send it again to exit at once)", file=sys.stderr, flush=True)
+        again = "" if distributed.world_size() > 1 else " (send it again to exit at once)"
+        if distributed.rank_id() == 0:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint{again}",
+                  file=sys.stderr, flush=True)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -200,17 +208,25 @@ def open_run(out: Path, st, saved: dict | None, start: str, c):
     checkpoint (resume) or an earlier run removed (overwrite). Yields (log file, Checkpointer). Under
     torchrun only rank 0 touches OUT; the other ranks log to /dev/null."""
     main = distributed.rank_id() == 0
-    if main:
-        out.mkdir(parents=True, exist_ok=True)  # only now: a failed start leaves no folder behind
-    with out_lock(out) if main else nullcontext(), StopSignals() as signals:
+    with ExitStack() as stack:
+        error = None
+        if main:
+            try:
+                out.mkdir(parents=True, exist_ok=True)  # only now: a failed start leaves no folder behind
+                stack.enter_context(out_lock(out))
+                if saved is not None:
+                    truncate_log(out / "log.jsonl", st.step, st.ft_step)
+                else:
+                    remove_run(out, overwrite=start == "overwrite")
+            except (ValueError, OSError) as e:
+                error = e
+        if not distributed.all_ranks(error is None):  # rank 0's error stops every rank, not only rank 0
+            raise ValueError(str(error) if error else f"rank 0 could not open {out} (its error is above)") from None
         if saved is not None:
             st.resumes.append({"step": st.step, "ft_step": st.ft_step, "changed": resume_changes(saved, c)})
-            if main:
-                truncate_log(out / "log.jsonl", st.step, st.ft_step)
-        elif main:
-            remove_run(out, overwrite=start == "overwrite")
-        with open(out / "log.jsonl" if main else os.devnull, "a") as log:
-            yield log, Checkpointer(out, st, signals)
+        signals = stack.enter_context(StopSignals())
+        log = stack.enter_context(open(out / "log.jsonl" if main else os.devnull, "a"))
+        yield log, Checkpointer(out, st, signals)
 
 
 def remove_run(out: Path, overwrite: bool):

@@ -38,12 +38,18 @@ def unsharded_base(m, parts, st, ft_lora: dict | None = None) -> llama.Llama:
     post fine-tuning; shard_model casts the rest layer by layer, the export tensor by tensor."""
     c, dtype = parts.c, cli.device_dtype(parts.c.device, parts.c.dtype)[1]
     model, _ = load_base(c, torch.device("cpu"), dtype, as_stored=True)
+    cast_lora_targets(model, c, dtype)
+    m.attach_lora(model, c, {"lora": st.prune_lora, "ft_lora": ft_lora}, torch.Generator())  # values: loaded
+    return model
+
+
+def cast_lora_targets(model: llama.Llama, c, dtype: torch.dtype):
+    """The frozen weights under the pruning LoRA converted to the run's dtype (the rest stays as stored), so that
+    merging the LoRA into them (post fine-tuning) gives what a base loaded in dtype gives."""
     targets = set() if c.no_lora else set(c.lora_targets.split(","))
     for name, mod in model.named_modules():
         if name.rpartition(".")[2] in targets:
             distributed.cast_frozen_(mod, dtype)
-    m.attach_lora(model, c, {"lora": st.prune_lora, "ft_lora": ft_lora}, torch.Generator())  # values: loaded
-    return model
 
 
 def read_data(c, tok: tokenization.Tokenizer) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -72,9 +78,11 @@ def setup(m, c, saved: dict | None):
     rng = torch.Generator().manual_seed(c.seed)  # Parts.rng
     sharded = distributed.world_size() > 1
     # Under torchrun the base stays as stored (memory-mapped) on the CPU: shard_model casts, moves and shards it layer
-    # by layer. A run resumed in post fine-tuning merges its pruning LoRA at load, into weights of the run's dtype.
-    as_stored = sharded and (saved is None or saved["ft_lora"] is None)
-    model, tok = load_base(c, torch.device("cpu") if sharded else device, dtype, as_stored)
+    # by layer. A run resumed in post fine-tuning merges its pruning LoRA at load: only the weights it merges into
+    # are converted first (every rank converting the whole base held a full copy per rank: ~138 GB at 70B).
+    model, tok = load_base(c, torch.device("cpu") if sharded else device, dtype, as_stored=sharded)
+    if sharded and saved is not None and saved["ft_lora"] is not None:
+        cast_lora_targets(model, c, dtype)
     if device.type == "cpu":
         cli.cpu_threads(llama.count_params(model))
     gates = m.Gates(model.config, rng, c.keep_hidden, c.lambda_2).to(device)  # initialised from the run's stream before LoRA
@@ -124,8 +132,8 @@ def run(m, c, start: str = "new") -> dict | None:
     Under torchrun every rank runs this; rank 0 alone writes OUT and returns the report."""
     out = Path(c.out)
     saved = runfolder.load_state(out) if start == "resume" else None
+    distributed.check_batch_sizes(batch_size=c.batch_size, ft_batch_size=c.ft_batch_size)  # before minutes of loading
     parts, tok, st = setup(m, c, saved)
-    distributed.check_batch_sizes(batch_size=c.batch_size, ft_batch_size=c.ft_batch_size)
     blocks, heldout, examples = read_data(c, tok)
     sched = m.Schedule.of(c, len(blocks), len(examples))
     with runfolder.open_run(out, st, saved, start, c) as (log, ckpt):
@@ -142,7 +150,9 @@ def run(m, c, start: str = "new") -> dict | None:
             st.phase = "done"
             ckpt.save(parts)
         model = model_to_export(m, parts, st)
-        return export_and_report(m, replace(parts, model=model), st, out, tok, heldout) if model is not None else None
+        report = export_and_report(m, replace(parts, model=model), st, out, tok, heldout) if model is not None else None
+    distributed.wait_for_rank0()  # the other ranks stay alive while rank 0 exports (distributed.wait_for_rank0)
+    return report
 
 
 def to_finetune(m, parts, st):
@@ -162,7 +172,7 @@ def model_to_export(m, parts, st) -> llama.Llama | None:
     the run's LoRA gathered from the ranks into it); None on the other ranks."""
     if distributed.world_size() == 1:
         return parts.model
-    current = distributed.cpu_lora(parts.model)  # every rank takes part in the gather
+    current = distributed.cpu_lora(parts.model, rank0_only=True)  # every rank takes part in the gather
     if distributed.rank_id() != 0:
         return None
     return unsharded_base(m, parts, st, ft_lora=current if parts.c.ft_data else None)

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -189,6 +190,98 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(files, tmp_pat
     assert 6 <= state["step"] < 300 and not (tmp_path / "run" / "report.json").exists()
     npr.main(["--resume", str(tmp_path / "run"), "--max-steps", str(state["step"] + 2)])
     assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == state["step"] + 2
+
+
+def signal_job(p, line_start: str, ranks_first: bool):
+    """At the first stdout line starting with line_start: SIGTERM to every rank, and 0.2 s later to torchrun (which
+    forwards it again), as Slurm's scancel or a preemption does; or to torchrun alone."""
+    for line in p.stdout:
+        if line.startswith(line_start):
+            if ranks_first:
+                for pid in descendants(p.pid):
+                    os.kill(pid, signal.SIGTERM)
+                time.sleep(0.2)
+            p.send_signal(signal.SIGTERM)
+            break
+    rest = p.stdout.read()
+    p.wait(120)
+    return rest
+
+
+def test_sigterm_to_every_rank_and_torchrun_saves_and_resumes_exactly(files, tmp_path):
+    """The signal twice (each rank's own, then torchrun's forward) is one request: the ranks finish the step, save and
+    stop (the second signal once exited at once with no checkpoint). The resumed two-rank run equals an
+    uninterrupted one."""
+    flags = ("--max-steps", "16", "--log-every", "1", "--save-every", "1000")
+    p = torchrun(args(files, tmp_path / "whole", *flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    p = torchrun(args(files, tmp_path / "run", *flags), script=ROOT / "tests" / "slow_steps.py", stdout=subprocess.PIPE,
+                 stderr=subprocess.STDOUT)
+    out = signal_job(p, "phase prune | step 4 ", ranks_first=True)
+    assert out.count("stopped by SIGTERM after a checkpoint") == 2, out[-3000:]
+    state = load(tmp_path / "run")
+    assert 4 <= state["step"] < 16 and not (tmp_path / "run" / "report.json").exists()
+    p = torchrun(["--resume", str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    assert_same_run(load(tmp_path / "whole"), load(tmp_path / "run"))
+
+
+def test_resume_in_finetuning_keeps_the_base_as_stored_and_equals_the_whole_run(files, tmp_path):
+    """A two-rank run stopped during post fine-tuning resumes on two ranks: each rank loads the base as stored (fp32
+    here) and converts only the weights the pruning LoRA merges into (q, v) to the run's bf16 before sharding, not
+    the whole base (~138 GB per rank at 70B); the run ends as an uninterrupted one does."""
+    flags = ("--max-steps", "12", "--dtype", "bf16", *ft(files), "--ft-max-steps", "12", "--log-every", "1")
+    p = torchrun(args(files, tmp_path / "whole", *flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    p = torchrun(args(files, tmp_path / "run", *flags), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = signal_job(p, "phase finetune | step 2 ", ranks_first=False)
+    state = load(tmp_path / "run")
+    assert state["phase"] == "finetune" and 2 <= state["ft_step"] < 12, out[-3000:]
+    (tmp_path / "trace").mkdir()
+    p = torchrun([str(tmp_path / "trace"), "--resume", str(tmp_path / "run")], script=ROOT / "tests" / "trace_shard.py",
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    import checkpoint
+    model = checkpoint.load_model(files / "model")
+    qv = sum(m.weight.numel() for layer in model.model.layers for m in (layer.self_attn.q_proj, layer.self_attn.v_proj))
+    total = sum(p.numel() for p in model.parameters())
+    for r in (0, 1):
+        (held,) = json.loads((tmp_path / "trace" / f"rank{r}.json").read_text())  # the one shard of this resume
+        assert held == {"torch.bfloat16": qv, "torch.float32": total - qv}, (r, held)
+    assert_same_run(load(tmp_path / "whole"), load(tmp_path / "run"))
+
+
+def test_a_locked_run_folder_stops_every_rank_at_once(files, tmp_path):
+    """Rank 0 alone opens OUT; its error (here: another process holds the lock) reaches every rank, which all exit
+    with the one-line error. The other ranks once sat in the next collective until gloo's 30-minute timeout."""
+    import fcntl
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        p = torchrun(args(files, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        text, _ = p.communicate(timeout=120)
+    assert p.returncode != 0 and text.count("another nuteprune process is running") == 1, text[-3000:]
+    assert text.count("error: rank 0 could not open") == 1, text[-3000:]  # rank 1, at once
+
+
+def test_batch_sizes_are_checked_against_torchruns_world_size_before_the_load(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="--batch-size 16 does not split evenly over 3 ranks"):
+        distributed.check_batch_sizes(batch_size=16)
+    distributed.check_batch_sizes(batch_size=12)
+
+
+def test_a_rank_that_sees_one_gpu_uses_it_whatever_its_local_rank(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # CUDA_VISIBLE_DEVICES set per rank
+    assert distributed.cuda_ordinal() == 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert distributed.cuda_ordinal() == 5
 
 
 def test_fp16_two_ranks_equal_one_process(files, tmp_path):
