@@ -28,17 +28,30 @@ WAIT_TIMEOUT = datetime.timedelta(hours=24)  # how long the other ranks wait for
 _waiting = None  # the gloo group they wait in (init)
 
 
+FORCE = "NUTEPRUNE_FSDP"  # =1 under a one-rank torchrun: shard with FSDP2 all the same (bench/gpu_check.py)
+
+
+def active() -> bool:
+    """True once init has joined a process group: the model is sharded with FSDP2 and the collectives run, on one
+    rank too when FORCE is set."""
+    return dist.is_initialized()
+
+
 def init(device: torch.device) -> torch.device:
     """Under torchrun: join the process group (NCCL on GPUs, gloo on CPUs); this rank's device. Also a gloo group
-    with a long timeout, for the one wait that may last hours (wait_for_rank0)."""
+    with a long timeout, for the one wait that may last hours (wait_for_rank0). One rank joins only with FORCE=1,
+    which runs the multi-GPU path (NCCL, DTensor, FSDP2, the scaler on DTensors) on a single GPU."""
     global _waiting
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    wanted = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get(FORCE) == "1"
+    if not wanted or dist.is_initialized():
         return device
     if device.type == "cuda":
         device = torch.device("cuda", cuda_ordinal())
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     _waiting = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    if rank_id() == 0:
+        print(f"FSDP2 over {world_size()} rank{'s' if world_size() > 1 else ''} ({dist.get_backend()})", flush=True)
     return device
 
 
@@ -141,7 +154,7 @@ def all_reduce_(x: torch.Tensor, op=None) -> torch.Tensor:
 
 def average_over_ranks(tensors):
     """Mean over ranks, in place, of a tensor or a list of tensors (None entries skipped); returns its input."""
-    if world_size() > 1:
+    if active():
         for x in [tensors] if torch.is_tensor(tensors) else tensors:
             if x is not None:
                 all_reduce_(x)  # gloo has no AVG: sum, then divide
@@ -160,7 +173,7 @@ def average_values(values: dict[str, float]) -> dict[str, float]:
 
 
 def max_over_ranks(value: int) -> int:
-    if world_size() == 1:
+    if not active():
         return value
     return int(all_reduce_(torch.tensor([value]), op=dist.ReduceOp.MAX).item())
 

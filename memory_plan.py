@@ -127,6 +127,41 @@ def host_plan(cfg: llama.LlamaConfig, dtype_bytes: int, world: int, lora_targets
             "export (rank 0)": (merged + 8 * layer + 2 * min(shard_bytes, pruned_bytes)) / GB}
 
 
+def phase_plan(cfg: llama.LlamaConfig, b: int, world: int, c, n_snapshots: int, pruning: dict,
+               host: dict) -> dict[str, tuple[float, float]]:
+    """(GB per device, host GB per node) in each phase of a run, from the first load to report.json. pruning: the
+    step's plan (memory_plan), host: host_plan's. What each phase holds on the device:
+      load: the base (its shard per rank); pruning: the step's peak (memory_plan), the snapshot teachers on the host;
+      switch to post fine-tuning (--ft-data): the pruning model's shards are still held while the reloaded base,
+        with the pruning LoRA merged, is sharded beside them; on the host each rank converts and merges all q/v
+        weights (host_plan's merge, per rank);
+      post fine-tuning: the plan of a step with LoRA on --ft-lora-targets, the LM loss alone;
+      export (rank 0): on the CPU, the shards freed first; the device holds the gates alone (one process: its model);
+      report (rank 0): the run's model freed, the pruned model whole on rank 0's device for the held-out perplexity,
+        and its logits."""
+    gb = 1 / GB
+    base = llama.count_params(cfg) * b / world * gb
+    targets = tuple(c.lora_targets.split(",")) if not c.no_lora else ()
+    out = {"load": (base, host["load"]), "pruning": (pruning["device total"], host["train (snapshots)"])}
+    on_node = min(world, 8)
+    static = sum(v for k, v in pruning.items() if not k.startswith("activations") and k not in
+                 ("device total", "snapshots (CPU)", "peak moment", "grad_ckpt"))
+    if c.ft_data:  # one process merges in place, on the device
+        merged = host["export (rank 0)"] - host_plan(cfg, b, 1, targets, c.lora_rank, 0)["export (rank 0)"]
+        out["switch to post fine-tuning"] = (static + (base if world > 1 else 0), host["train (snapshots)"] +
+                                             (on_node * merged if world > 1 else 0))
+        ft = memory_plan(cfg, b, tuple(c.ft_lora_targets.split(",")), c.lora_rank, 0, min(c.micro_batch_size,
+                         max(c.ft_batch_size // world, 1)), c.ft_max_len, pruning["grad_ckpt"], False, "none", world)
+        out["post fine-tuning"] = (ft["device total"], host["train (snapshots)"])
+    held = 4 * gate_param_count(cfg) * gb if world > 1 else static  # one process exports its own model
+    out["export (rank 0)"] = (held, host["export (rank 0)"])
+    _, root = layer_params(cfg)
+    kept = (llama.count_params(cfg) - root) * (1 - c.target) + root  # the pruned model, at most
+    logits = min(c.micro_batch_size, c.batch_size) * c.block_size * cfg.vocab_size * (b + 8)  # + fp32 log_softmax
+    out["report (rank 0)"] = ((4 * gate_param_count(cfg) + kept * b + logits) * gb, 0.0)  # the run's model freed
+    return out
+
+
 def plan(c, schedule: Callable[[int], object], worlds=(1, 2, 4, 8)) -> dict:
     """`--plan`: the run's steps and snapshots, and memory per device for each world size, from the config alone.
     c is the run's nuteprune.RunConfig, schedule(n_blocks) its nuteprune.Schedule for that many training blocks."""
@@ -144,12 +179,18 @@ def plan(c, schedule: Callable[[int], object], worlds=(1, 2, 4, 8)) -> dict:
     rows = {w: memory_plan(cfg, b, tuple(c.lora_targets.split(",")) if not c.no_lora else (), c.lora_rank,
                            sched.n_levels, min(c.micro_batch_size, c.batch_size // w), c.block_size, grad_ckpt,
                            c.layer_weight > 0, c.distill, w) for w in worlds}
+    for row in rows.values():
+        row["grad_ckpt"] = grad_ckpt
+    host = {w: host_plan(cfg, b, w, tuple(c.lora_targets.split(",")) if not c.no_lora else (), c.lora_rank,
+                         sched.n_levels, c.distill, "cpu" if c.device == "cpu" else "cuda") for w in worlds}
+    phases = {w: phase_plan(cfg, b, w, c, sched.n_levels, rows[w], host[w]) for w in worlds}
+    for row in rows.values():
+        del row["grad_ckpt"]
     report = {"params": llama.count_params(model), "steps": sched.total_steps, "blocks": n_blocks,
               "blocks_assumed": c.data is None, "snapshots": sched.n_levels if c.distill == "pkd" else 0,
               "dtype": str(dtype).removeprefix("torch."), "grad_ckpt": grad_ckpt, "per_device_gb": rows,
-              "host_gb_per_node": {w: host_plan(cfg, b, w, tuple(c.lora_targets.split(",")) if not c.no_lora else (),
-                                                c.lora_rank, sched.n_levels, c.distill,
-                                                "cpu" if c.device == "cpu" else "cuda") for w in worlds}}
+              "host_gb_per_node": host, "phases": phases,
+              "peak_per_device_gb": {w: max(d for d, _ in phases[w].values()) for w in worlds}}
     print_plan(c, report)
     return report
 
@@ -171,6 +212,11 @@ def print_plan(c, r: dict):
     print(f"{'host RAM per node, GB (tensors; 8 ranks a node' + (', CPU ranks' if c.device == 'cpu' else '') + ')':<40}")
     for k in next(iter(host.values())):
         print(f"  {k:<38}" + "".join(f"{row[k]:10.2f}" for row in host.values()))
-    print("fits " + "; ".join(f"{card} GB: " + (", ".join(f"{w}" for w, row in rows.items()
-                                                      if row["device total"] <= card * 0.95) or "none")
-                             for card in (80, 40, 24)) + " (GPUs; 5% kept free)")
+    phases = r["phases"]
+    print(f"{'by phase: GB per device / host GB per node':<40}")
+    for k in next(iter(phases.values())):
+        print(f"  {k:<38}" + "".join(f"{f'{row[k][0]:.1f} / {row[k][1]:.1f}':>14}" for row in phases.values()))
+    peak = r["peak_per_device_gb"]
+    print(f"{'peak per device, any phase':<40}" + "".join(f"{peak[w]:10.2f}" for w in peak))
+    print("fits " + "; ".join(f"{card} GB: " + (", ".join(f"{w}" for w in peak if peak[w] <= card * 0.95) or "none")
+                             for card in (80, 40, 24)) + " (GPUs, every phase; 5% kept free)")

@@ -145,14 +145,14 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         if self.requested is not None:
-            if distributed.world_size() > 1:
+            if distributed.active():
                 # Under torchrun a second signal is the same request: Slurm's scancel or preemption signals every
                 # process of the step, the ranks included, and torchrun forwards it to them again. torchrun's own
                 # SIGKILL ends a rank that is still saving after its grace (--shutdown-timeout, default 30 s).
                 return
             os._exit(128 + signum)  # the second signal: now, without a checkpoint
         self.requested = signum
-        again = "" if distributed.world_size() > 1 else " (send it again to exit at once)"
+        again = "" if distributed.active() else " (send it again to exit at once)"
         if distributed.rank_id() == 0:
             print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint{again}",
                   file=sys.stderr, flush=True)

@@ -76,7 +76,7 @@ def setup(m, c, saved: dict | None):
     device = distributed.init(device)
     runfolder.seed_all(c.seed)
     rng = torch.Generator().manual_seed(c.seed)  # Parts.rng
-    sharded = distributed.world_size() > 1
+    sharded = distributed.active()
     # Under torchrun the base stays as stored (memory-mapped) on the CPU: shard_model casts, moves and shards it layer
     # by layer. A run resumed in post fine-tuning merges its pruning LoRA at load: only the weights it merges into
     # are converted first (every rank converting the whole base held a full copy per rank: ~138 GB at 70B).
@@ -150,15 +150,28 @@ def run(m, c, start: str = "new") -> dict | None:
             st.phase = "done"
             ckpt.save(parts)
         model = model_to_export(m, parts, st)
-        report = export_and_report(m, replace(parts, model=model), st, out, tok, heldout) if model is not None else None
+        # Under torchrun rank 0's shards and optimizer states go before the export: the report then loads the whole
+        # pruned model onto its device (memory_plan.phase_plan). In one process `model` is the run's own.
+        parts = replace(parts, model=model, optimizers=[])
+        release_device_memory(parts.gates.lambda_1.device)
+        report = export_and_report(m, parts, st, out, tok, heldout) if model is not None else None
     distributed.wait_for_rank0()  # the other ranks stay alive while rank 0 exports (distributed.wait_for_rank0)
     return report
+
+
+def release_device_memory(device: torch.device):
+    """What Python has freed handed back by the CUDA caching allocator (the CPU's heap: malloc_trim)."""
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    distributed.release_freed_memory()
 
 
 def to_finetune(m, parts, st):
     """Post fine-tuning's LoRA and optimizer (METHOD.md §7). The pruning LoRA is merged on whole tensors: under
     torchrun into the base reloaded on the CPU as stored (unsharded_base), then cast and sharded layer by layer."""
-    sharded = distributed.world_size() > 1
+    sharded = distributed.active()
     model = unsharded_base(m, parts, st) if sharded else parts.model
     m.start_finetune(model, parts.c, parts.rng)
     if sharded:
@@ -170,7 +183,7 @@ def to_finetune(m, parts, st):
 def model_to_export(m, parts, st) -> llama.Llama | None:
     """The model export prunes: the run's own, or under torchrun a whole copy on rank 0's CPU (the base reloaded,
     the run's LoRA gathered from the ranks into it); None on the other ranks."""
-    if distributed.world_size() == 1:
+    if not distributed.active():
         return parts.model
     current = distributed.cpu_lora(parts.model, rank0_only=True)  # every rank takes part in the gather
     if distributed.rank_id() != 0:
@@ -183,14 +196,17 @@ def export_and_report(m, parts, st, out: Path, tok: tokenization.Tokenizer,
     model, c = parts.model.eval(), parts.c
     device, dtype = cli.device_dtype(c.device, c.dtype)
     cfg_pruned = checkpoint.export_pruned(model, st.final, out / "pruned", tok, dtype=dtype)  # under torchrun: as stored
+    params, prunable = llama.count_params(model), llama.prunable_tensors(model)
+    model.to("meta")  # the dense model's memory goes before the pruned one loads (memory_plan.phase_plan: report)
+    release_device_memory(device)
     pruned = checkpoint.load_model(out / "pruned", device, dtype)
     report = {
         "target": c.target,
-        "sparsity": 1 - llama.prunable_tensors(pruned) / llama.prunable_tensors(model),
-        "sparsity_total": 1 - llama.count_params(pruned) / llama.count_params(model),
+        "sparsity": 1 - llama.prunable_tensors(pruned) / prunable,
+        "sparsity_total": 1 - llama.count_params(pruned) / params,
         "expected_sparsity": m.expected_sparsity(parts.gates.prob_nonzero(), model.config).item(),
-        "params_dense": llama.count_params(model), "params_pruned": llama.count_params(pruned),
-        "prunable_dense": llama.prunable_tensors(model), "prunable_pruned": llama.prunable_tensors(pruned),
+        "params_dense": params, "params_pruned": llama.count_params(pruned),
+        "prunable_dense": prunable, "prunable_pruned": llama.prunable_tensors(pruned),
         "hidden": cfg_pruned.dim,  # kept hidden width, and per layer (the paper's Tables 11-12):
         "layers": [{"heads": h, "kv_heads": kv, "ffn": f}
                    for h, kv, f in zip(cfg_pruned.heads, cfg_pruned.kv_heads, cfg_pruned.ffn)],

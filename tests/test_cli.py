@@ -206,3 +206,31 @@ def test_plan_from_config_json_alone(tmp_path, monkeypatch, capsys):
     assert [float(x) for x in load] == pytest.approx([0.0] + [w * (layer + root) * 2 / 1e9 for w in (2, 4, 8)],
                                                      abs=0.006)
     assert not (tmp_path / "out").exists() and not (ROOT / "out").exists()
+    # by phase, every phase of a run to report.json; the peak per device is the largest of them
+    lines = out.splitlines()
+    phases = lines[lines.index("by phase: GB per device / host GB per node") + 1:]
+    names = [ln[:40].strip() for ln in phases[:4]]
+    assert names == ["load", "pruning", "export (rank 0)", "report (rank 0)"]
+    device = [[float(cell.split("/")[0]) for cell in ln[40:].split("  ") if "/" in cell] for ln in phases[:4]]
+    peak = next(ln for ln in lines if ln.startswith("peak per device")).split()[-4:]
+    assert [float(x) for x in peak] == pytest.approx([max(col) for col in zip(*device)], abs=0.06)
+    assert device[1][1] == pytest.approx(plan["device total"], abs=0.06)  # pruning, 2 GPUs
+    kept = (6.74e9 - root) / 2 + root  # report: the pruned model (at most) on rank 0's device, the run's freed
+    logits = 4 * 512 * 32000 * (2 + 8)  # one micro-batch's logits and their fp32 log_softmax
+    assert device[3][1] == pytest.approx((kept * 2 + logits) / 1e9, abs=0.06)
+
+
+def test_plan_with_post_finetuning_counts_the_switch(tmp_path, capsys):
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "alpaca.json").write_text("[]")
+    npr.main(["--ckpt", str(tmp_path), "--target", "0.5", "--plan", "--dtype", "bf16", "--grad-ckpt", "--ft-data",
+              str(tmp_path / "alpaca.json")])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {ln[:40].strip(): [float(c.split("/")[0]) for c in ln[40:].split("  ") if "/" in c]
+            for ln in lines[lines.index("by phase: GB per device / host GB per node") + 1:][:6]}
+    base = 6.74e9 * 2 / 1e9
+    # two ranks: the pruning model's shards beside the reloaded base's while it is sharded
+    assert rows["switch to post fine-tuning"][1] >= 2 * rows["load"][1] == pytest.approx(base, rel=0.01)
+    assert rows["switch to post fine-tuning"][0] < rows["pruning"][0]  # one process merges in place
