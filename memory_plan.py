@@ -102,6 +102,14 @@ def memory_plan(cfg: llama.LlamaConfig, dtype_bytes: int = 2, lora_targets=("q_p
     return out
 
 
+def merge_bytes(cfg: llama.LlamaConfig, dtype_bytes: int, lora_targets) -> float:
+    """The weights under the pruning LoRA, converted to the run's dtype to merge it (runner.cast_lora_targets)."""
+    io = {"q_proj": cfg.n_heads * cfg.head_dim, "k_proj": cfg.n_kv_heads * cfg.head_dim,
+          "v_proj": cfg.n_kv_heads * cfg.head_dim, "o_proj": cfg.dim, "gate_proj": cfg.ffn_dim,
+          "up_proj": cfg.ffn_dim, "down_proj": cfg.dim}
+    return cfg.n_layers * cfg.dim * sum(io[t] for t in lora_targets) * dtype_bytes
+
+
 def host_plan(cfg: llama.LlamaConfig, dtype_bytes: int, world: int, lora_targets=("q_proj", "v_proj"),
               lora_rank: int = 8, n_snapshots: int = 40, distill: str = "pkd", device: str = "cuda",
               ranks_per_node: int = 8, shard_bytes: int = checkpoint.SHARD_BYTES) -> dict[str, float]:
@@ -118,10 +126,7 @@ def host_plan(cfg: llama.LlamaConfig, dtype_bytes: int, world: int, lora_targets
     shards = llama.count_params(cfg) * dtype_bytes / world if device == "cpu" else 0.0
     load = (layer + root) * dtype_bytes if world > 1 else 0.0
     snaps = n_snapshots * snapshot_bytes(cfg, lora_targets, lora_rank) if distill == "pkd" else 0.0
-    io = {"q_proj": cfg.n_heads * cfg.head_dim, "k_proj": cfg.n_kv_heads * cfg.head_dim,
-          "v_proj": cfg.n_kv_heads * cfg.head_dim, "o_proj": cfg.dim, "gate_proj": cfg.ffn_dim,
-          "up_proj": cfg.ffn_dim, "down_proj": cfg.dim}
-    merged = cfg.n_layers * cfg.dim * sum(io[t] for t in lora_targets) * dtype_bytes if world > 1 else 0.0
+    merged = merge_bytes(cfg, dtype_bytes, lora_targets) if world > 1 else 0.0
     pruned_bytes = llama.count_params(cfg) * dtype_bytes  # at most the dense size
     return {"load": on_node * (load + shards) / GB, "train (snapshots)": on_node * (snaps + shards) / GB,
             "export (rank 0)": (merged + 8 * layer + 2 * min(shard_bytes, pruned_bytes)) / GB}
@@ -135,7 +140,8 @@ def phase_plan(cfg: llama.LlamaConfig, b: int, world: int, c, n_snapshots: int, 
       switch to post fine-tuning (--ft-data): the pruning model's shards are still held while the reloaded base,
         with the pruning LoRA merged, is sharded beside them; on the host each rank converts and merges all q/v
         weights (host_plan's merge, per rank);
-      post fine-tuning: the plan of a step with LoRA on --ft-lora-targets, the LM loss alone;
+      post fine-tuning: the plan of a step with LoRA on --ft-lora-targets, the LM loss alone; resumed there, the
+        load's host memory and each rank's merge (bench/host_memory.py measures it);
       export (rank 0): on the CPU, the shards freed first; the device holds the gates alone (one process: its model);
       report (rank 0): the run's model freed, the pruned model whole on rank 0's device for the held-out perplexity,
         and its logits."""
@@ -147,12 +153,14 @@ def phase_plan(cfg: llama.LlamaConfig, b: int, world: int, c, n_snapshots: int, 
     static = sum(v for k, v in pruning.items() if not k.startswith("activations") and k not in
                  ("device total", "snapshots (CPU)", "peak moment", "grad_ckpt"))
     if c.ft_data:  # one process merges in place, on the device
-        merged = host["export (rank 0)"] - host_plan(cfg, b, 1, targets, c.lora_rank, 0)["export (rank 0)"]
+        merged = merge_bytes(cfg, b, targets) * gb if world > 1 else 0.0
         out["switch to post fine-tuning"] = (static + (base if world > 1 else 0), host["train (snapshots)"] +
-                                             (on_node * merged if world > 1 else 0))
+                                             on_node * merged)
         ft = memory_plan(cfg, b, tuple(c.ft_lora_targets.split(",")), c.lora_rank, 0, min(c.micro_batch_size,
                          max(c.ft_batch_size // world, 1)), c.ft_max_len, pruning["grad_ckpt"], False, "none", world)
         out["post fine-tuning"] = (ft["device total"], host["train (snapshots)"])
+        # a run resumed in post fine-tuning: the load, and each rank's q/v converted to merge the pruning LoRA
+        out["resume in post fine-tuning"] = (ft["device total"], host["load"] + on_node * merged)
     held = 4 * gate_param_count(cfg) * gb if world > 1 else static  # one process exports its own model
     out["export (rank 0)"] = (held, host["export (rank 0)"])
     _, root = layer_params(cfg)
