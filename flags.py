@@ -65,7 +65,7 @@ def _run_flags(p: argparse.ArgumentParser, d: dict):
                    "GPU kernels; 1: the paper's)")
     g.add_argument("--keep-hidden", action="store_true",
                    help="prune attention heads and FFN channels only, keep the hidden width (the paper prunes it too); "
-                   "a hidden dimension costs less decode time than its weights in llama.cpp (README, Performance)")
+                   "a hidden dimension costs less decode time than its weights in llama.cpp (docs/deployment.md)")
     g.add_argument("--cache-dir", help="token cache (default: $NUTEPRUNE_CACHE or ~/.cache/nuteprune)")
 
 

@@ -115,7 +115,8 @@ def host_plan(cfg: llama.LlamaConfig, dtype_bytes: int, world: int, lora_targets
               ranks_per_node: int = 8, shard_bytes: int = checkpoint.SHARD_BYTES) -> dict[str, float]:
     """Host RAM of one node, GB, in the three phases that hold the most, counting tensors only (not each process's
     runtime, e.g. ~0.1 GB for torch on the CPU, more with CUDA; not the checkpoint's page cache, which is shared and
-    reclaimable). The base is read as stored (memory-mapped) and converted piece by piece (README: host memory):
+    reclaimable). The base is read as stored (memory-mapped) and converted piece by piece (docs/scaling.md, host
+    memory):
       load, per rank: one converted layer and the root converted whole before they are sharded (in one process the
         weights go straight to the device), and with --device cpu the rank's shards themselves;
       train, per rank: the snapshot teachers (CPU), and with --device cpu the step's memory (the device plan);
