@@ -486,6 +486,35 @@ def verdicts(rows: list[dict]) -> list[str]:
     return out
 
 
+DIAGNOSTIC_DIR = ROOT / "experiments" / "results" / "smollm2" / "diagnostic"
+
+
+def diagnostic_lines() -> list[str]:
+    """experiments/massive.py's findings, read from the committed diagnostic folders (each massive.json and its
+    command in DIAGNOSTIC_DIR/README.md): the massive dims of the dense model, what the paper's recipe did to them,
+    and every pilot side by side (massive.compare)."""
+    import massive
+    dirs = sorted(d for d in DIAGNOSTIC_DIR.glob("*") if (d / "massive.json").is_file())
+    paper = DIAGNOSTIC_DIR / "paper-50" / "massive.json"
+    if not dirs or not paper.is_file():
+        return ["Pending: the diagnostic folders (experiments/massive.py) are not in " + rel(DIAGNOSTIC_DIR) + "."]
+    s = json.loads(paper.read_text())
+    dims, share = s["top_dims"], s["top_norm_share"]
+    last, c = s["per_record"][-1], s["controller"]
+    top1 = [r["top_counted_share_each"][0] for r in s["per_record"] if r["step"] >= 10]
+    return [f"With the paper's recipe at 50% (300 steps, seed 0; `{rel(paper.parent)}`): of {s['dim']} hidden dims, "
+            f"dim {dims[0]} holds {100 * share[0]:.1f}% of the squared norm of the dense model's hidden states and the "
+            f"top {len(dims)} ({', '.join(map(str, dims))}) {100 * s['top_norm_share_sum']:.1f}%. Dim {dims[0]} alone "
+            f"carries a median {100 * statistics.median(top1):.0f}% of what Eq. 8 counts over the records from step "
+            f"10 on (every 10 steps; range {100 * min(top1):.0f}–{100 * max(top1):.0f}%). By the end the masks had pruned {last['hidden_pruned']} "
+            f"hidden dims, among them the massive dims {', '.join(map(str, last['top_pruned'])) or 'none'}, whose "
+            f"error Eq. 8 then no longer counts (uncounted {last['layer_loss_uncounted']:.0f} against counted "
+            f"{last['layer_loss_counted']:.0f}); the expected sparsity ended {100 * c['last_gap']:+.1f} pp off the "
+            f"target (a forced target) and the held-out perplexity was {s['final']['ppl_after']:,.0f}. The pilots, "
+            "each changing one thing (README.md there gives every command):", ""] + \
+        massive.compare([str(d) for d in dirs]).splitlines()
+
+
 def controller_lines(rows: list[dict]) -> list[str]:
     """The controller per NutePrune row (mean ± std over seeds): how far the expected sparsity swings about the
     target in the second half of the steps after the warm-up, and its gap at the last step."""
@@ -591,6 +620,7 @@ DIAGNOSTIC = (
 
 def markdown(rows: list[dict], a: argparse.Namespace, info: dict) -> str:
     lines = intro_lines(a, info) + ["", "## Budget plan", ""] + plan_text(a) + budget_lines(a, info) + [""]
+    lines += ["## What the diagnostic found", ""] + diagnostic_lines() + [""]
     lines += ["## Table 1 shape", "", f"Perplexity: WikiText-2 test and PTB validation, windows of {a.seq_len} tokens "
               f"({'the first ' + str(a.ppl_windows) + ' windows' if a.ppl_windows else 'every window'}). Accuracy "
               f"(%): acc for BoolQ, PIQA, WinoGrande, ARC-e; acc_norm for HellaSwag, ARC-c, OBQA (the paper's mix); "
@@ -712,7 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-mask", type=float, default=1.0, help="log_alpha learning rate (paper 0.1; see results.md)")
     p.add_argument("--lr-lambda", type=float, default=1.0, help="lambda learning rate of the paper's recipe rows "
                    "(paper 0.1; see results.md)")
-    p.add_argument("--lr-lambda-modern", type=float, default=1.0, help="lambda learning rate of the modern recipe rows")
+    p.add_argument("--lr-lambda-modern", type=float, default=30.0, help="lambda learning rate of the modern recipe rows "
+                   "(its own, flags.RECIPES)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="training precision (nuteprune.py and "
                    "baselines.py --dtype)")
     p.add_argument("--eval-dtype", choices=("fp32", "bf16"), default="fp32", help="evaluate.py --dtype")
