@@ -138,9 +138,9 @@ def phase_plan(cfg: llama.LlamaConfig, b: int, world: int, c, n_snapshots: int, 
     """(GB per device, host GB per node) in each phase of a run, from the first load to report.json. pruning: the
     step's plan (memory_plan), host: host_plan's. What each phase holds on the device:
       load: the base (its shard per rank); pruning: the step's peak (memory_plan), the snapshot teachers on the host;
-      switch to post fine-tuning (--ft-data): the pruning model's shards are still held while the reloaded base,
-        with the pruning LoRA merged, is sharded beside them; on the host each rank converts and merges all q/v
-        weights (host_plan's merge, per rank);
+      switch to post fine-tuning (--ft-data): the pruning model's static memory until its shards are freed, before
+        the reloaded base, with the pruning LoRA merged, is sharded; on the host each rank converts and merges all
+        q/v weights (host_plan's merge, per rank);
       post fine-tuning: the plan of a step with LoRA on --ft-lora-targets, the LM loss alone; resumed there, the
         load's host memory and each rank's merge (bench/host_memory.py measures it);
       export (rank 0): on the CPU, the shards freed first; the device holds the gates alone (one process: its model);
@@ -155,8 +155,7 @@ def phase_plan(cfg: llama.LlamaConfig, b: int, world: int, c, n_snapshots: int, 
                  ("device total", "snapshots (CPU)", "peak moment", "grad_ckpt"))
     if c.ft_data:  # one process merges in place, on the device
         merged = merge_bytes(cfg, b, targets) * gb if world > 1 else 0.0
-        out["switch to post fine-tuning"] = (static + (base if world > 1 else 0), host["train (snapshots)"] +
-                                             on_node * merged)
+        out["switch to post fine-tuning"] = (static, host["train (snapshots)"] + on_node * merged)
         ft = memory_plan(cfg, b, tuple(c.ft_lora_targets.split(",")), c.lora_rank, 0, min(c.micro_batch_size,
                          max(c.ft_batch_size // world, 1)), c.ft_max_len, pruning["grad_ckpt"], False, "none", world)
         out["post fine-tuning"] = (ft["device total"], host["train (snapshots)"])

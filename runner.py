@@ -175,6 +175,10 @@ def to_finetune(m, parts, st):
     model = unsharded_base(m, parts, st) if sharded else parts.model
     m.start_finetune(model, parts.c, parts.rng)
     if sharded:
+        # The pruning model is not read again (its LoRA is in st.prune_lora): its shards and optimizer states go
+        # before the new model is sharded, so a device never holds two sharded bases. parts is the caller's object.
+        parts.model, parts.optimizers = None, []
+        release_device_memory(parts.gates.lambda_1.device)
         distributed.shard_model(model, parts.gates.lambda_1.device, cli.device_dtype(parts.c.device, parts.c.dtype)[1])
     parts = replace(parts, model=model)
     return replace(parts, optimizers=m.finetune_optimizer(parts.lora_weights))

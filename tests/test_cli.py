@@ -230,7 +230,6 @@ def test_plan_with_post_finetuning_counts_the_switch(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     rows = {ln[:40].strip(): [float(c.split("/")[0]) for c in ln[40:].split("  ") if "/" in c]
             for ln in lines[lines.index("by phase: GB per device / host GB per node") + 1:][:6]}
-    base = 6.74e9 * 2 / 1e9
-    # two ranks: the pruning model's shards beside the reloaded base's while it is sharded
-    assert rows["switch to post fine-tuning"][1] >= 2 * rows["load"][1] == pytest.approx(base, rel=0.01)
-    assert rows["switch to post fine-tuning"][0] < rows["pruning"][0]  # one process merges in place
+    # the pruning model's shards are freed before the reloaded base is sharded: never two bases on a device
+    assert all(rows["load"][w] <= rows["switch to post fine-tuning"][w] < rows["pruning"][w] for w in range(4))
+    assert rows["switch to post fine-tuning"][1] < 2 * rows["load"][1]

@@ -338,3 +338,33 @@ def test_export_of_a_base_kept_as_stored_equals_the_converted_ones(files, tmp_pa
         checkpoint.export_pruned(model, masks, tmp_path / str(as_stored), dtype=torch.bfloat16)
         outs.append((tmp_path / str(as_stored) / "model.safetensors").read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_the_switch_to_post_finetuning_frees_the_pruning_models_shards_first(files, tmp_path, monkeypatch):
+    """One rank under FSDP2 in this process (NUTEPRUNE_FSDP=1, gloo): when post fine-tuning's model is sharded, the
+    pruning model is already gone (a device held both sharded bases: ~2 x 17 GB per GPU at 70B on 8)."""
+    import gc
+    import socket
+    import weakref
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                 "WORLD_SIZE": "1", distributed.FORCE: "1"}.items():
+        monkeypatch.setenv(k, v)
+    sharded, alive_at_switch = [], []
+    shard = distributed.shard_model
+
+    def recording(model, device, dtype=None):
+        if sharded:  # the switch: is the first model still alive?
+            gc.collect()
+            alive_at_switch.append(sharded[0]() is not None)
+        sharded.append(weakref.ref(model))
+        return shard(model, device, dtype)
+    monkeypatch.setattr(distributed, "shard_model", recording)
+    try:
+        npr.main(args(files, tmp_path / "run", *ft(files)))
+    finally:
+        distributed.finish()
+    assert len(sharded) == 2 and alive_at_switch == [False]
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["ft_steps"] == 4
