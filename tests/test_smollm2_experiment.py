@@ -235,3 +235,8 @@ def test_the_grid_stops_at_its_budget_resumes_and_reports_every_row(files, tmp_p
     smollm2.main_run(smollm2.parse_args(argv + ["--report-only"]))
     assert len(calls) == n and (tmp_path / "results" / "results.md").read_text().split("## Closing")[0] == \
         md.split("## Closing")[0]
+
+
+def test_invocations_are_recorded_without_the_code_copys_folder():
+    assert smollm2.recorded(["--out", "runs/smollm2", "--code", "/tmp/gridcode", "--only", "dense"]) == \
+        ["--out", "runs/smollm2", "--code", "COPY", "--only", "dense"]
