@@ -88,14 +88,17 @@ def check_batch_sizes(**sizes: int):
             raise ValueError(f"--{flag.replace('_', '-')} {size} does not split evenly over {n} ranks")
 
 
-def shard_model(model: llama.Llama, device: torch.device, dtype: torch.dtype | None = None):
+def shard_model(model: llama.Llama, device: torch.device, dtype: torch.dtype | None = None, before_layer=None):
     """FSDP2: every decoder layer its own unit, then the root (embeddings, final norm, LM head). dtype: the frozen
     base was loaded as stored (memory-mapped, not converted); each unit's weights are cast to dtype just before it is
-    sharded, so a rank holds its shards and at most one converted layer, never a whole converted copy."""
+    sharded, so a rank holds its shards and at most one converted layer, never a whole converted copy.
+    before_layer(i, layer): what must happen to a layer before it is cast and sharded (post fine-tuning's merge)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(device.type, (world_size(),))
-    for layer in model.model.layers:
+    for i, layer in enumerate(model.model.layers):
+        if before_layer is not None:
+            before_layer(i, layer)
         cast_frozen_(layer, dtype)
         fully_shard(layer, mesh=mesh)
         release_freed_memory()

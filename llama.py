@@ -355,12 +355,17 @@ def add_lora(model: Llama, targets=("q_proj", "v_proj"), rank: int = 8, alpha: f
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in targets:
-                base = getattr(parent, name, None)
-                if isinstance(base, nn.Linear) and base.weight.shape.numel() > 0:
-                    setattr(parent, name, LoRALinear(base, rank, alpha, generator))
+        add_lora_to_layer(layer, targets, rank, alpha, generator)
     return model
+
+
+def add_lora_to_layer(layer: nn.Module, targets, rank: int, alpha: float, generator: torch.Generator | None = None):
+    """add_lora on one decoder layer (its values drawn in the order add_lora draws them for the whole model)."""
+    for parent in (layer.self_attn, layer.mlp):
+        for name in targets:
+            base = getattr(parent, name, None)
+            if isinstance(base, nn.Linear) and base.weight.shape.numel() > 0:
+                setattr(parent, name, LoRALinear(base, rank, alpha, generator))
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:

@@ -139,10 +139,10 @@ def phase_plan(cfg: llama.LlamaConfig, b: int, world: int, c, n_snapshots: int, 
     step's plan (memory_plan), host: host_plan's. What each phase holds on the device:
       load: the base (its shard per rank); pruning: the step's peak (memory_plan), the snapshot teachers on the host;
       switch to post fine-tuning (--ft-data): the pruning model's static memory until its shards are freed, before
-        the reloaded base, with the pruning LoRA merged, is sharded; on the host each rank converts and merges all
-        q/v weights (host_plan's merge, per rank);
+        the reloaded base is sharded; on the host each rank converts one layer's q/v at a time to merge the pruning
+        LoRA, as the layer is sharded;
       post fine-tuning: the plan of a step with LoRA on --ft-lora-targets, the LM loss alone; resumed there, the
-        load's host memory and each rank's merge (bench/host_memory.py measures it);
+        load's host memory and one layer's merge per rank (bench/host_memory.py measures it);
       export (rank 0): on the CPU, the shards freed first; the device holds the gates alone (one process: its model);
       report (rank 0): the run's model freed, the pruned model whole on rank 0's device for the held-out perplexity,
         and its logits."""
@@ -153,8 +153,10 @@ def phase_plan(cfg: llama.LlamaConfig, b: int, world: int, c, n_snapshots: int, 
     on_node = min(world, 8)
     static = sum(v for k, v in pruning.items() if not k.startswith("activations") and k not in
                  ("device total", "snapshots (CPU)", "peak moment", "grad_ckpt"))
-    if c.ft_data:  # one process merges in place, on the device
-        merged = merge_bytes(cfg, b, targets) * gb if world > 1 else 0.0
+    if c.ft_data:  # one process merges in place, on the device; ranks one layer at a time (runner.finetune_layer)
+        # + the fine-tuning LoRA (fp32), made whole on each rank's host before its layer is sharded
+        ft_lora = 4 * lora_param_count(cfg, c.ft_lora_targets.split(","), c.lora_rank)
+        merged = (merge_bytes(cfg, b, targets) / cfg.n_layers + ft_lora) * gb if world > 1 else 0.0
         out["switch to post fine-tuning"] = (static, host["train (snapshots)"] + on_node * merged)
         ft = memory_plan(cfg, b, tuple(c.ft_lora_targets.split(",")), c.lora_rank, 0, min(c.micro_batch_size,
                          max(c.ft_batch_size // world, 1)), c.ft_max_len, pruning["grad_ckpt"], False, "none", world)

@@ -595,8 +595,14 @@ def attach_lora(model: llama.Llama, c: RunConfig, state: dict | None = None, gen
 
 
 def start_finetune(model: llama.Llama, c: RunConfig, generator: torch.Generator | None = None):
-    llama.merge_lora(model)  # the pruning LoRA becomes part of the (still frozen) weights
-    llama.add_lora(model, c.ft_lora_targets.split(","), c.lora_rank, c.lora_alpha, generator)  # METHOD.md §7: all
+    for layer in model.model.layers:
+        start_finetune_layer(layer, c, generator)
+
+
+def start_finetune_layer(layer: torch.nn.Module, c: RunConfig, generator: torch.Generator | None = None):
+    """start_finetune on one decoder layer (under torchrun each layer just before it is sharded)."""
+    llama.merge_lora(layer)  # the pruning LoRA becomes part of the (still frozen) weights
+    llama.add_lora_to_layer(layer, c.ft_lora_targets.split(","), c.lora_rank, c.lora_alpha, generator)  # §7: all
 
 
 def load_run(out_dir, device="cpu", dtype=torch.float32) -> tuple[llama.Llama, Masks, tokenization.Tokenizer]:

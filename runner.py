@@ -32,15 +32,31 @@ def load_base(c, device: torch.device, dtype: torch.dtype,
     return model, tok
 
 
-def unsharded_base(m, parts, st, ft_lora: dict | None = None) -> llama.Llama:
+def unsharded_base(m, parts, st, ft_lora: dict | None = None, merge: bool = True) -> llama.Llama:
     """Under torchrun: the base reloaded whole on the CPU as stored (memory-mapped), with the pruning LoRA (and a
     fine-tuning LoRA). Only the weights under the pruning LoRA are converted to the run's dtype, for the merge of
-    post fine-tuning; shard_model casts the rest layer by layer, the export tensor by tensor."""
+    post fine-tuning; shard_model casts the rest layer by layer, the export tensor by tensor. merge=False: the
+    pruning LoRA attached, nothing converted or merged (finetune_layer does it layer by layer as they are sharded)."""
     c, dtype = parts.c, cli.device_dtype(parts.c.device, parts.c.dtype)[1]
     model, _ = load_base(c, torch.device("cpu"), dtype, as_stored=True)
-    cast_lora_targets(model, c, dtype)
-    m.attach_lora(model, c, {"lora": st.prune_lora, "ft_lora": ft_lora}, torch.Generator())  # values: loaded
+    if merge:
+        cast_lora_targets(model, c, dtype)
+    m.attach_lora(model, c, {"lora": st.prune_lora, "ft_lora": ft_lora if merge else None}, torch.Generator())
     return model
+
+
+def finetune_layer(m, c, dtype: torch.dtype, generator: torch.Generator | None, ft_lora: dict | None = None):
+    """shard_model's before_layer for a model with its pruning LoRA still attached: post fine-tuning's start
+    (METHOD.md §7) on one layer, its q / v converted to the run's dtype, the pruning LoRA merged, the fine-tuning
+    LoRA added (drawn from generator in start_finetune's order, or ft_lora's values). Each rank then converts and
+    merges one layer at a time, not every q / v of the model at once (~12 GB per rank at 70B)."""
+    def before(i: int, layer: torch.nn.Module):
+        cast_lora_targets(layer, c, dtype)
+        m.start_finetune_layer(layer, c, generator)
+        if ft_lora is not None:
+            prefix = f"model.layers.{i}."
+            llama.load_lora_state(layer, {k[len(prefix):]: v for k, v in ft_lora.items() if k.startswith(prefix)})
+    return before
 
 
 def cast_lora_targets(model: llama.Llama, c, dtype: torch.dtype):
@@ -81,14 +97,14 @@ def setup(m, c, saved: dict | None):
     # by layer. A run resumed in post fine-tuning merges its pruning LoRA at load: only the weights it merges into
     # are converted first (every rank converting the whole base held a full copy per rank: ~138 GB at 70B).
     model, tok = load_base(c, torch.device("cpu") if sharded else device, dtype, as_stored=sharded)
-    if sharded and saved is not None and saved["ft_lora"] is not None:
-        cast_lora_targets(model, c, dtype)
     if device.type == "cpu":
         cli.cpu_threads(llama.count_params(model))
     gates = m.Gates(model.config, rng, c.keep_hidden, c.lambda_2).to(device)  # initialised from the run's stream before LoRA
-    m.attach_lora(model, c, saved, rng)
-    if sharded:
-        distributed.shard_model(model, device, dtype)
+    in_finetune = saved is not None and saved["ft_lora"] is not None
+    m.attach_lora(model, c, {**saved, "ft_lora": None} if sharded and in_finetune else saved, rng)
+    if sharded:  # resumed in post fine-tuning: the merge, layer by layer as each is sharded (finetune_layer)
+        distributed.shard_model(model, device, dtype, finetune_layer(m, c, dtype, torch.Generator(), saved["ft_lora"])
+                                if in_finetune else None)
     st = m.RunState() if saved is None else m.RunState.from_saved(saved)
     lora_weights = list(llama.lora_state(model).values())
     optimizers = m.prune_optimizer(gates, lora_weights, c.lambda_optim) if st.phase == "prune" else \
@@ -170,16 +186,18 @@ def release_device_memory(device: torch.device):
 
 def to_finetune(m, parts, st):
     """Post fine-tuning's LoRA and optimizer (METHOD.md §7). The pruning LoRA is merged on whole tensors: under
-    torchrun into the base reloaded on the CPU as stored (unsharded_base), then cast and sharded layer by layer."""
-    sharded = distributed.active()
-    model = unsharded_base(m, parts, st) if sharded else parts.model
-    m.start_finetune(model, parts.c, parts.rng)
-    if sharded:
-        # The pruning model is not read again (its LoRA is in st.prune_lora): its shards and optimizer states go
-        # before the new model is sharded, so a device never holds two sharded bases. parts is the caller's object.
-        parts.model, parts.optimizers = None, []
-        release_device_memory(parts.gates.lambda_1.device)
-        distributed.shard_model(model, parts.gates.lambda_1.device, cli.device_dtype(parts.c.device, parts.c.dtype)[1])
+    torchrun into the base reloaded on the CPU as stored (unsharded_base), layer by layer as each is cast and
+    sharded (finetune_layer)."""
+    if not distributed.active():
+        m.start_finetune(parts.model, parts.c, parts.rng)
+        return replace(parts, optimizers=m.finetune_optimizer(parts.lora_weights))
+    model = unsharded_base(m, parts, st, merge=False)
+    # The pruning model is not read again (its LoRA is in st.prune_lora): its shards and optimizer states go before
+    # the new model is sharded, so a device never holds two sharded bases. parts is the caller's object.
+    parts.model, parts.optimizers = None, []
+    device, dtype = parts.gates.lambda_1.device, cli.device_dtype(parts.c.device, parts.c.dtype)[1]
+    release_device_memory(device)
+    distributed.shard_model(model, device, dtype, finetune_layer(m, parts.c, dtype, parts.rng))
     parts = replace(parts, model=model)
     return replace(parts, optimizers=m.finetune_optimizer(parts.lora_weights))
 

@@ -7,8 +7,8 @@ on the CPU). Three loads, each in fresh processes:
   - 2 ranks, converted then sharded: every rank converts the whole model, then keeps its shards (the old load);
   - 2 ranks, cast per layer: the base stays memory-mapped as stored and each layer is cast just before FSDP shards
     it (distributed.shard_model's dtype; the load now);
-  - 2 ranks, resumed in post fine-tuning: the same, after q and v are converted and the pruning LoRA merged into them
-    (runner.setup on a checkpoint in post fine-tuning);
+  - 2 ranks, resumed in post fine-tuning: the same, each layer's q and v converted and the pruning LoRA merged into
+    them just before the layer is cast and sharded (runner.setup on a checkpoint in post fine-tuning);
 and compares the last with the host RAM `nuteprune.py --plan` gives for that load (memory_plan.host_plan). Then the
 export rank 0 does (half the heads and FFN channels pruned, bf16, shards of SHARD_MB), from the base as stored
 (now) and from a base converted whole.
@@ -84,14 +84,13 @@ def worker(a):
     c = npr.RunConfig(ckpt=a.ckpt, target=0.5, device="cpu", dtype="bf16")
     per_layer = a.worker in ("per-layer", "resume-ft")
     model = checkpoint.load_model(a.ckpt, "cpu", dtype, as_stored=sharded and per_layer)
-    if a.worker == "resume-ft":  # runner.setup on a checkpoint in post fine-tuning: q, v converted, LoRA merged
-        import runner
-        runner.cast_lora_targets(model, c, dtype)
     npr.attach_lora(model, c, None, torch.Generator().manual_seed(0))
-    if a.worker == "resume-ft":
-        npr.start_finetune(model, c, torch.Generator().manual_seed(1))  # what attach_lora does with a saved ft_lora
+    before = None
+    if a.worker == "resume-ft":  # runner.setup on a checkpoint in post fine-tuning: each layer's q, v converted and
+        import runner  # the pruning LoRA merged as the layer is sharded
+        before = runner.finetune_layer(npr, c, dtype, torch.Generator().manual_seed(1))
     if sharded:
-        distributed.shard_model(model, torch.device("cpu"), dtype if per_layer else None)
+        distributed.shard_model(model, torch.device("cpu"), dtype if per_layer else None, before)
     import gc
     gc.collect()
     rec = sampler.stop()
@@ -180,13 +179,15 @@ def main():
     results["plan_load_mb_per_rank"] = planned
     print(f"--plan's host RAM at load, per rank: {planned:.0f} MB; measured peak {measured:.0f} MB "
           f"(plan / measured {planned / measured:.2f})")
-    merged = memory_plan.merge_bytes(cfg, 2, ("q_proj", "v_proj")) / 2**20
+    all7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # --ft-lora-targets
+    merged = (memory_plan.merge_bytes(cfg, 2, ("q_proj", "v_proj")) / cfg.n_layers  # one layer's q, v
+              + 4 * memory_plan.lora_param_count(cfg, all7, 8)) / 2**20  # and the fine-tuning LoRA, fp32
     planned_ft = planned + merged
     measured_ft = max(rec["peak"]["anon"] for rec in results["modes"]["2 ranks, resumed in post fine-tuning"])
     results["plan_resume_ft_mb_per_rank"] = planned_ft
-    print(f"--plan's host RAM for a resume in post fine-tuning, per rank (the load and the q/v merge, "
-          f"{merged:.0f} MB): {planned_ft:.0f} MB; measured peak {measured_ft:.0f} MB (plan / measured "
-          f"{planned_ft / measured_ft:.2f})")
+    print(f"--plan's host RAM for a resume in post fine-tuning, per rank (the load, one layer's q/v merge and the "
+          f"fine-tuning LoRA: {merged:.0f} MB): {planned_ft:.0f} MB; measured peak {measured_ft:.0f} MB (plan / "
+          f"measured {planned_ft / measured_ft:.2f})")
     exp = results["modes"]["export, base as stored (rank 0 now)"][0]
     planned_exp = memory_plan.host_plan(cfg, 2, 1, (), shard_bytes=SHARD_MB * 2**20)["export (rank 0)"] * 1e9 / 2**20
     results["plan_export_mb"] = planned_exp

@@ -1,7 +1,7 @@
-"""`python trace_shard.py TRACE_DIR ARGS...`: nuteprune.main(ARGS) under torchrun, with the dtypes of the frozen
-base recorded each time a rank shards a model (the number of elements per dtype, LoRA left out) into
-TRACE_DIR/rank<R>.json. What a rank holds on its host before sharding is what this shows. Used by
-test_distributed.py."""
+"""`python trace_shard.py TRACE_DIR ARGS...`: nuteprune.main(ARGS) under torchrun, recording what a rank holds on its
+host each time it shards a model, into TRACE_DIR/rank<R>.json: the frozen base's elements per dtype when
+shard_model is called (LoRA left out), and, layer by layer after shard_model's before_layer ran, the most elements of
+plain (not yet sharded) frozen weights converted to the run's dtype at once. Used by test_distributed.py."""
 import json
 import os
 import sys
@@ -12,16 +12,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import distributed  # noqa: E402
 import nuteprune as npr  # noqa: E402
 
+
+def frozen(model):
+    return [(n, p) for n, p in model.named_parameters() if "lora_" not in n]
+
+
 if __name__ == "__main__":
     seen, shard = [], distributed.shard_model
 
-    def recording(model, device, dtype=None):
+    def recording(model, device, dtype=None, before_layer=None):
+        rec = {"at_call": sum_by_dtype(model), "converted_at_once": 0}
+
+        def before(i, layer):
+            if before_layer is not None:
+                before_layer(i, layer)
+            plain = sum(p.numel() for _, p in frozen(model) if not hasattr(p, "device_mesh") and p.dtype == dtype)
+            rec["converted_at_once"] = max(rec["converted_at_once"], plain)
+        seen.append(rec)
+        return shard(model, device, dtype, before)
+
+    def sum_by_dtype(model):
         count = Counter()
-        for name, p in model.named_parameters():
-            if "lora_" not in name:
-                count[str(p.dtype)] += p.numel()
-        seen.append(dict(count))
-        return shard(model, device, dtype)
+        for _, p in frozen(model):
+            count[str(p.dtype)] += p.numel()
+        return dict(count)
     distributed.shard_model = recording
     try:
         npr.main(sys.argv[2:])
