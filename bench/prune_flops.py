@@ -4,7 +4,7 @@ matmuls, the projection GEMMs, attention and the rest (torch.profiler, self CPU 
 
     python bench/prune_flops.py [--ckpt SmolLM2-135M-Instruct.Q4_1.gguf | --preset smollm2|tiny] [--batch 4]
                                 [--seq 128] [--micro-batch 4] [--distill pkd|kd|none] [--layer-weight 0.9]
-                                [--dtype fp32|bf16] [--threads N] [--repeats 3] [--json bench/prune_flops.json]
+                                [--dtype fp32|bf16|fp32,bf16] [--threads N] [--repeats 3] [--json FILE]
 
 The step is nuteprune.prune_step itself with the command's defaults (LoRA rank 8 on q, v; layer loss on; one
 micro-batch per step unless --micro-batch is smaller), a snapshot teacher (deterministic masks and a LoRA copy, as
@@ -201,8 +201,8 @@ def main(argv=None):
     ap.add_argument("--micro-batch", type=int, default=4, help="blocks per forward")
     ap.add_argument("--distill", choices=["pkd", "kd", "none"], default="pkd")
     ap.add_argument("--layer-weight", type=float, default=npr.RunConfig.layer_weight, help="0: no layer loss")
-    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the base weights, autocast and the "
-                    "plain GEMMs (as nuteprune.py --dtype)")
+    ap.add_argument("--dtype", default="fp32", help="the base weights, autocast and the plain GEMMs (as nuteprune.py "
+                    "--dtype): fp32, bf16, or fp32,bf16 to measure both in one run and give bf16's speed-up")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, or OMP_NUM_THREADS)")
     ap.add_argument("--repeats", type=int, default=3, help="timed steps (after one warm-up)")
     ap.add_argument("--json", default=None, help="write the measurement here (e.g. bench/prune_flops.json)")
@@ -211,8 +211,20 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     if a.ckpt is None and a.preset is None:
         a.ckpt, a.preset = (str(SMOLLM2), None) if SMOLLM2.is_file() else (None, "smollm2")
-    r = measure(a)
-    print(report(r))
+    dtypes = a.dtype.split(",")
+    if not set(dtypes) <= {"fp32", "bf16"}:
+        ap.error(f"--dtype: fp32, bf16 or fp32,bf16, got {a.dtype!r}")
+    runs = {}
+    for dtype in dtypes:  # one after the other in this process: the same machine state for both
+        runs[dtype] = measure(argparse.Namespace(**{**vars(a), "dtype": dtype}))
+        print(report(runs[dtype]))
+    r = runs[dtypes[0]] if len(runs) == 1 else {
+        "runs": runs, "bf16_speedup": {"step": runs["fp32"]["step"]["wall_s"] / runs["bf16"]["step"]["wall_s"],
+                                       "ffn_gemm": runs["bf16"]["gemm_flops_s"]["ffn (BT x D) @ (D x I)"] /
+                                       runs["fp32"]["gemm_flops_s"]["ffn (BT x D) @ (D x I)"]}}
+    if len(runs) > 1:
+        print(f"bf16 against fp32: a step {r['bf16_speedup']['step']:.2f}x faster, the FFN GEMM "
+              f"{r['bf16_speedup']['ffn_gemm']:.2f}x")
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
         print(f"wrote {a.json}")
