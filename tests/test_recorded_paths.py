@@ -5,8 +5,8 @@ import re
 
 from conftest import ROOT
 
-# emptied when issue 28's results land: the SmolLM2 grid is being rerun, and its results with it
-PENDING = ("experiments/results/smollm2",)
+# folders whose results are being regenerated and are not checked yet (none now: issue 28's grid landed)
+PENDING = ()
 
 # a "/" that starts a path (not one inside a word, a number, a URL or a relative path), then a folder name and "/"
 ABSOLUTE = re.compile(r"(?<![\w.~:/\\-])/[A-Za-z_][\w.+-]*/[\w.+-]")
