@@ -24,11 +24,9 @@ def rank_id() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+FORCE = "NUTEPRUNE_FSDP"  # =1 under a one-rank torchrun: shard with FSDP2 all the same (bench/gpu_check.py)
 WAIT_TIMEOUT = datetime.timedelta(hours=24)  # how long the other ranks wait for rank 0's export and report
 _waiting = None  # the gloo group they wait in (init)
-
-
-FORCE = "NUTEPRUNE_FSDP"  # =1 under a one-rank torchrun: shard with FSDP2 all the same (bench/gpu_check.py)
 
 
 def active() -> bool:

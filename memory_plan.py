@@ -133,7 +133,7 @@ def host_plan(cfg: llama.LlamaConfig, dtype_bytes: int, world: int, lora_targets
             "export (rank 0)": (merged + 8 * layer + 2 * min(shard_bytes, pruned_bytes)) / GB}
 
 
-def phase_plan(cfg: llama.LlamaConfig, b: int, world: int, c, n_snapshots: int, pruning: dict,
+def phase_plan(cfg: llama.LlamaConfig, b: int, world: int, c, grad_ckpt: bool, pruning: dict,
                host: dict) -> dict[str, tuple[float, float]]:
     """(GB per device, host GB per node) in each phase of a run, from the first load to report.json. pruning: the
     step's plan (memory_plan), host: host_plan's. What each phase holds on the device:
@@ -152,14 +152,14 @@ def phase_plan(cfg: llama.LlamaConfig, b: int, world: int, c, n_snapshots: int, 
     out = {"load": (base, host["load"]), "pruning": (pruning["device total"], host["train (snapshots)"])}
     on_node = min(world, 8)
     static = sum(v for k, v in pruning.items() if not k.startswith("activations") and k not in
-                 ("device total", "snapshots (CPU)", "peak moment", "grad_ckpt"))
+                 ("device total", "snapshots (CPU)", "peak moment"))
     if c.ft_data:  # one process merges in place, on the device; ranks one layer at a time (runner.finetune_layer)
         # + the fine-tuning LoRA (fp32), made whole on each rank's host before its layer is sharded
         ft_lora = 4 * lora_param_count(cfg, c.ft_lora_targets.split(","), c.lora_rank)
         merged = (merge_bytes(cfg, b, targets) / cfg.n_layers + ft_lora) * gb if world > 1 else 0.0
         out["switch to post fine-tuning"] = (static, host["train (snapshots)"] + on_node * merged)
         ft = memory_plan(cfg, b, tuple(c.ft_lora_targets.split(",")), c.lora_rank, 0, min(c.micro_batch_size,
-                         max(c.ft_batch_size // world, 1)), c.ft_max_len, pruning["grad_ckpt"], False, "none", world)
+                         max(c.ft_batch_size // world, 1)), c.ft_max_len, grad_ckpt, False, "none", world)
         out["post fine-tuning"] = (ft["device total"], host["train (snapshots)"])
         # a run resumed in post fine-tuning: the load, and each rank's q/v converted to merge the pruning LoRA
         out["resume in post fine-tuning"] = (ft["device total"], host["load"] + on_node * merged)
@@ -189,13 +189,9 @@ def plan(c, schedule: Callable[[int], object], worlds=(1, 2, 4, 8)) -> dict:
     rows = {w: memory_plan(cfg, b, tuple(c.lora_targets.split(",")) if not c.no_lora else (), c.lora_rank,
                            sched.n_levels, min(c.micro_batch_size, c.batch_size // w), c.block_size, grad_ckpt,
                            c.layer_weight > 0, c.distill, w) for w in worlds}
-    for row in rows.values():
-        row["grad_ckpt"] = grad_ckpt
     host = {w: host_plan(cfg, b, w, tuple(c.lora_targets.split(",")) if not c.no_lora else (), c.lora_rank,
                          sched.n_levels, c.distill, "cpu" if c.device == "cpu" else "cuda") for w in worlds}
-    phases = {w: phase_plan(cfg, b, w, c, sched.n_levels, rows[w], host[w]) for w in worlds}
-    for row in rows.values():
-        del row["grad_ckpt"]
+    phases = {w: phase_plan(cfg, b, w, c, grad_ckpt, rows[w], host[w]) for w in worlds}
     report = {"params": llama.count_params(model), "steps": sched.total_steps, "blocks": n_blocks,
               "blocks_assumed": c.data is None, "snapshots": sched.n_levels if c.distill == "pkd" else 0,
               "dtype": str(dtype).removeprefix("torch."), "grad_ckpt": grad_ckpt, "per_device_gb": rows,

@@ -624,7 +624,7 @@ def prune_step(parts: Parts, batch: torch.Tensor, teacher: Snapshot | None, targ
     """One optimizer step on a batch (B, T): sample z (Eq. 4), teacher and student forwards, Eq. 9, backward, a
     descent step on LoRA and log_alpha and an ascent step on the lambdas, clamp. Returns the loss terms, the
     expected sparsity the step's L0 saw (before the step) and whether the optimizer stepped."""
-    c, gates, device = parts.c, parts.gates, parts.gates.lambda_1.device
+    gates = parts.gates
     batch = distributed.local_share(batch)  # under torchrun: this rank's part; the mean over ranks is the global batch's
     # One mask sample per step, shared by the batch (and by every rank: the same seed and draws). Why leaf copies:
     # the forwards see z detached, so no micro-batch's graph reaches back through the sampler to log_alpha (each is
@@ -632,16 +632,8 @@ def prune_step(parts: Parts, batch: torch.Tensor, teacher: Snapshot | None, targ
     # sum(z * dL/dz) below carries it through the sampler once: the chain rule, with one small graph for Eq. 4.
     z = gates.sample(parts.rng)
     z_leaf = Masks(*(m.detach().requires_grad_() for m in mask_tensors(z)))
-    # Eq. 9, L = kd_weight * L_kd + layer_weight * L_layer + L0: the distillation terms per micro-batch, weighted by
-    # its share of the batch and back-propagated at once (one micro-batch's activations alive); L0 once, below.
-    terms = {"kd": 0.0, "layer": 0.0, "lm": 0.0}
-    for idx in batch.split(c.micro_batch_size):
-        idx, frac = idx.to(device), len(idx) / len(batch)
-        with parts.autocast():
-            loss = student_loss(parts.model, idx, z_leaf, teacher, c)  # weighted L_kd, L_layer (or L_lm alone)
-        parts.scaler.scale(sum(loss.values()) * frac).backward()
-        for k, v in loss.items():
-            terms[k] += float(v.detach()) * frac
+    # Eq. 9, L = kd_weight * L_kd + layer_weight * L_layer + L0: the distillation terms (distill_backward); L0 below.
+    terms = distill_backward(parts, batch, z_leaf, teacher)
 
     expected = expected_sparsity(gates.prob_nonzero(), parts.model.config)  # Eq. 3
     l0 = lagrangian(expected, target, gates.lambda_1, gates.lambda_2)  # Eq. 5, the last term of Eq. 9
@@ -657,19 +649,26 @@ def prune_step(parts: Parts, batch: torch.Tensor, teacher: Snapshot | None, targ
     return {**terms, "expected_sparsity": float(expected.detach()), "stepped": stepped}
 
 
-def settle_step(parts: Parts, batch: torch.Tensor, teacher: Snapshot | None, masks: Masks) -> dict[str, float]:
-    """One step of --settle (METHOD.md §4): the distillation terms of Eq. 9 with the student under the final masks
-    (fixed, deterministic), a descent step on LoRA alone; the gates and lambdas no longer move, nothing is sampled."""
+def distill_backward(parts: Parts, batch: torch.Tensor, masks: Masks, teacher: Snapshot | None) -> dict[str, float]:
+    """The distillation terms of Eq. 9 on this rank's batch under `masks`, back-propagated per micro-batch, each
+    weighted by its share of the batch (one micro-batch's activations alive at a time). Returns their values."""
     c, device = parts.c, parts.gates.lambda_1.device
-    batch, masks = distributed.local_share(batch), masks.to(device)
     terms = {"kd": 0.0, "layer": 0.0, "lm": 0.0}
     for idx in batch.split(c.micro_batch_size):
         idx, frac = idx.to(device), len(idx) / len(batch)
         with parts.autocast():
-            loss = student_loss(parts.model, idx, masks, teacher, c)
+            loss = student_loss(parts.model, idx, masks, teacher, c)  # weighted L_kd, L_layer (or L_lm alone)
         parts.scaler.scale(sum(loss.values()) * frac).backward()
         for k, v in loss.items():
             terms[k] += float(v.detach()) * frac
+    return terms
+
+
+def settle_step(parts: Parts, batch: torch.Tensor, teacher: Snapshot | None, masks: Masks) -> dict[str, float]:
+    """One step of --settle (METHOD.md §4): the distillation terms of Eq. 9 with the student under the final masks
+    (fixed, deterministic), a descent step on LoRA alone; the gates and lambdas no longer move, nothing is sampled."""
+    batch = distributed.local_share(batch)
+    terms = distill_backward(parts, batch, masks.to(parts.gates.lambda_1.device), teacher)
     terms = distributed.average_values({**terms, "l0": 0.0})
     stepped = optimizer_step(parts, parts.lora_weights, terms.values())  # the gates have no gradient: unchanged
     with torch.no_grad():

@@ -166,10 +166,9 @@ def run(m, c, start: str = "new") -> dict | None:
             st.phase = "done"
             ckpt.save(parts)
         model = model_to_export(m, parts, st)
-        # Under torchrun rank 0's shards and optimizer states go before the export: the report then loads the whole
-        # pruned model onto its device (memory_plan.phase_plan). In one process `model` is the run's own.
+        # Under torchrun rank 0 drops its shards and optimizer states here (export_and_report hands the memory back
+        # before the report loads the whole pruned model onto its device). In one process `model` is the run's own.
         parts = replace(parts, model=model, optimizers=[])
-        release_device_memory(parts.gates.lambda_1.device)
         report = export_and_report(m, parts, st, out, tok, heldout) if model is not None else None
     distributed.wait_for_rank0()  # the other ranks stay alive while rank 0 exports (distributed.wait_for_rank0)
     return report
